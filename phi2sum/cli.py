@@ -52,12 +52,32 @@ def _run(debug: bool, fn, *args, **kwargs):
         raise typer.Exit(1) from None
 
 
+def _adapter_base(adapter: str) -> Optional[str]:
+    """base_model_name_or_path from an adapter's adapter_config.json (local folder or hub repo)."""
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        if not path.is_file() and not Path(adapter).exists() and adapter.count("/") == 1:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(adapter, "adapter_config.json"))
+        return json.loads(path.read_text()).get("base_model_name_or_path")
+    except Exception:  # no readable adapter config: loading the adapter later says what is wrong
+        return None
+
+
 def _config(config: Optional[Path], overrides: Optional[list[str]], debug: bool,
-            run_dir: Optional[Path] = None) -> RunConfig:
-    # Verbs that read a run: the run's saved config is the base, unless --config names another.
-    if config is None and run_dir is not None and (run_dir / "config.yaml").is_file():
-        config = run_dir / "config.yaml"
-    return _run(debug, load_config, config, overrides or [])
+            adapter: Optional[str | Path] = None) -> RunConfig:
+    """Verbs that read a run take the run's saved config as the base, unless --config names another;
+    for a bare adapter (no run config), the base model comes from its adapter_config.json."""
+    overrides = list(overrides or [])
+    if adapter is not None and config is None:
+        if (Path(adapter) / "config.yaml").is_file():
+            config = Path(adapter) / "config.yaml"
+        elif not any(o.startswith("model.name=") for o in overrides):
+            base = _adapter_base(str(adapter))
+            if base:
+                overrides.insert(0, f"model.name={base}")
+    return _run(debug, load_config, config, overrides)
 
 
 def _dry_run(cfg: RunConfig, what: str) -> None:
@@ -142,7 +162,7 @@ def eval_(config: Optional[Path] = ConfigOpt, adapter: Optional[str] = AdapterOp
     """ROUGE on the test split: fine-tuned vs base, one table, predictions and metrics saved."""
     run_dir = Path(adapter) if adapter and Path(adapter).is_dir() else None
     overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
-    cfg = _config(config, overrides, debug, run_dir)
+    cfg = _config(config, overrides, debug, adapter)
     if compare not in ("base", "none"):
         error(f"--compare {compare}: use base or none")
         raise typer.Exit(2)
@@ -167,8 +187,7 @@ def summarize(inputs: list[str] = typer.Argument(..., help="Dialogue text files,
                                                  "instead of printing them."),
               dry_run: bool = DryOpt, debug: bool = DebugOpt):
     """Summarize your own dialogues (`Tom: hi` lines or DialogSum's `#Person1#:` form)."""
-    run_dir = Path(adapter) if adapter and Path(adapter).is_dir() else None
-    cfg = _config(config, set_, debug, run_dir)
+    cfg = _config(config, set_, debug, adapter)
     if dry_run:
         return _dry_run(cfg, f"summarize {', '.join(inputs)} with {adapter or cfg.model.name}")
     from . import summarize as summ
@@ -236,7 +255,8 @@ def main():
     except Exception:
         pass
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False returns the exit code of typer.Exit instead of raising it.
+        code = app(standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -249,6 +269,7 @@ def main():
             error(e.format_message())
             sys.exit(e.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

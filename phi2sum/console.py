@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+# Wide enough for our tables when output goes to a file or CI log (rich assumes 80 columns there).
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
 
 def info(msg: str) -> None:

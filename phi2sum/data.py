@@ -63,12 +63,18 @@ def _check_text_file(path: Path) -> None:
         raise ConfigError(f"{path}: cannot read ({e}); is the file complete?") from None
 
 
+def _is_saved(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
 def find_split_file(cfg: DataConfig, split: str) -> Path | None:
-    """Local file for a split: data.files[split], or `<source>/<split>.<ext>` when source is a folder."""
+    """Local file (or saved folder) for a split: data.files[split], or `<source>/<split>.<ext>` when
+    source is a folder of files. None for a hub id or a saved `datasets` folder as source."""
     if split in cfg.files:
         return Path(cfg.files[split]).expanduser()
     src = Path(cfg.source).expanduser()
-    if src.is_dir() and not (src / "dataset_dict.json").exists():
+    if src.is_dir() and not _is_saved(src):
         for suffix in SUFFIXES:
             if (src / f"{split}{suffix}").is_file():
                 return src / f"{split}{suffix}"
@@ -81,28 +87,60 @@ def is_local(cfg: DataConfig) -> bool:
     return bool(cfg.files) or Path(cfg.source).expanduser().exists()
 
 
+def _load_saved(path: Path, split: str):
+    import datasets
+
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise ConfigError(f"{path} has no split '{split}' (it has {', '.join(saved)}); fix data.*_split")
+        return saved[split], f"{path}[{split}]"
+    return saved, str(path)
+
+
+def _first_line(e: BaseException) -> str:
+    from datasets.exceptions import DatasetGenerationError
+
+    # datasets wraps the reader's error ("JSON parse error ... in row 3") in a generic one; show the cause.
+    if isinstance(e, DatasetGenerationError) and e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def _load_table(cfg: DataConfig, split: str):
     import datasets
 
     datasets.disable_progress_bars()
     path = find_split_file(cfg, split)
+    src = Path(cfg.source).expanduser()
+    verbosity = datasets.logging.get_verbosity()
+    # The readers log their own copy of a parse error; ours below is the one line the user sees.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
+        if path is not None and path.is_dir():
+            if not _is_saved(path):
+                raise ConfigError(f"{path} is a folder but not one saved by datasets' save_to_disk; "
+                                  f"point data.files.{split} at a file or a saved dataset")
+            return _load_saved(path, split)
         if path is not None:
             _check_text_file(path)
             return datasets.load_dataset(_builder_for(path), data_files={"rows": str(path)}, split="rows"), str(path)
-        src = Path(cfg.source).expanduser()
         if src.is_dir():
-            dd = datasets.load_from_disk(str(src))
-            if split not in dd:
-                raise ConfigError(f"{src} has no split '{split}' (it has {', '.join(dd)}); fix data.*_split")
-            return dd[split], f"{src}[{split}]"
+            if not (src / "dataset_dict.json").is_file():
+                raise ConfigError(f"{src} holds a single saved dataset, not one per split; "
+                                  f"set data.files.{split}: {src}")
+            return _load_saved(src, split)
         return datasets.load_dataset(cfg.source, split=split), f"{cfg.source}[{split}]"
     except Phi2sumError:
         raise
     except Exception as e:  # datasets raises many types; all mean "cannot read this source"
         where = path or cfg.source
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot load split '{split}' from {where}: {first[:300]}") from None
+        if "corresponds to no data" in str(e):  # a file holding only blank lines, `[]` or a CSV header
+            raise ConfigError(f"{where} has no rows; point data.source/files at a non-empty {split} split") from None
+        raise ConfigError(f"cannot load split '{split}' from {where}: {_first_line(e)}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 @dataclass
@@ -136,20 +174,24 @@ def load_split(cfg: DataConfig, split: str, merge_duplicates: bool = False) -> R
     table = table.select(range(min(n, len(table))))
     data = table.to_dict()
     ids = data.get(cfg.id_column) or [f"{split}_{i}" for i in range(len(table))]
+    summary_from = ref_col or (cfg.summary_column if cfg.summary_column in cols else "/".join(numbered))
     rows = Rows([], [], [], origin)
     index: dict[str, int] = {}
-    bad: list[str] = []
+    bad: list[str] = []  # "row 7 (id train_6)", 1-based like the line numbers of a .jsonl file
+    empty_dialogues = 0
     for i in range(len(table)):
         dialogue = data[cfg.dialogue_column][i]
         if ref_col:
-            refs = list(data[ref_col][i] or [])
+            value = data[ref_col][i]
+            refs = [value] if isinstance(value, str) else list(value or [])
         elif cfg.summary_column in cols:
             refs = [data[cfg.summary_column][i]]
         else:
             refs = [data[c][i] for c in numbered]
         refs = [r.strip() for r in refs if isinstance(r, str) and r.strip()]
         if not isinstance(dialogue, str) or not dialogue.strip() or not refs:
-            bad.append(str(ids[i]))
+            empty_dialogues += not isinstance(dialogue, str) or not dialogue.strip()
+            bad.append(f"row {i + 1} (id {ids[i]})")
             continue
         dialogue = dialogue.strip()
         if merge_duplicates and dialogue in index:
@@ -160,13 +202,15 @@ def load_split(cfg: DataConfig, split: str, merge_duplicates: bool = False) -> R
         rows.ids.append(str(ids[i]))
         rows.dialogues.append(dialogue)
         rows.references.append(refs)
+    counts = ((cfg.dialogue_column, empty_dialogues), (summary_from, len(bad) - empty_dialogues))
+    what = "an empty " + " or ".join(f"'{column}' ({n})" for column, n in counts if n)
     if bad and (len(bad) > MAX_BAD_SHARE * len(table) or not rows.ids):
-        raise ConfigError(f"{origin}: {len(bad)} of {len(table)} rows have an empty dialogue or summary "
-                          f"(e.g. {', '.join(bad[:3])}); fix the file or the column settings")
+        raise ConfigError(f"{origin}: {len(bad)} of {len(table)} rows have {what}, e.g. {', '.join(bad[:3])}; "
+                          "fix the file or the column settings")
     rows.skipped = len(bad)
     if bad:
         from .console import warn
-        warn(f"{origin}: skipped {len(bad)} rows with an empty dialogue or summary: {', '.join(bad[:10])}")
+        warn(f"{origin}: skipped {len(bad)} of {len(table)} rows with {what}: {', '.join(bad[:10])}")
     return rows
 
 
@@ -234,7 +278,7 @@ def fit_prompt(tokenizer, dialogue: str, fmt: str, instruction: str, budget: int
         if len(ids) <= budget:
             return ids, True
         keep -= max(1, len(ids) - budget)
-    raise Phi2sumError(f"the prompt alone needs more than {budget} tokens; raise data.max_length")
+    raise ConfigError(f"the prompt alone needs more than {budget} tokens; raise data.max_length")
 
 
 def encode_example(tokenizer, dialogue: str, summary: str, fmt: str, instruction: str, stop_id: int,
@@ -266,9 +310,12 @@ def cache_key(cfg: DataConfig, tokenizer, splits: list[str]) -> str:
     files = {}
     for split in splits:
         path = find_split_file(cfg, split) if is_local(cfg) else None
-        if path is not None and path.is_file():
-            st = path.stat()
-            files[split] = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+        if path is None and is_local(cfg):
+            path = Path(cfg.source).expanduser()  # a saved DatasetDict folder
+        if path is not None and path.exists():
+            # Name, size and mtime of every file: an edited or re-saved source prepares afresh.
+            found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            files[split] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in found]
     settings = cfg.model_dump(exclude={"cache_dir"})
     blob = json.dumps([FORMAT_VERSION, settings, files, splits, tokenizer_fingerprint(tokenizer)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

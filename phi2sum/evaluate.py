@@ -1,0 +1,301 @@
+"""Evaluation: batched generation, ROUGE the standard way, and the base-vs-fine-tuned table.
+
+    phi2sum eval --adapter runs/x            (whole test split, fine-tuned vs base)
+    phi2sum eval --adapter runs/x --limit 50
+
+ROUGE comes from Google's rouge-score package (what `evaluate`'s rouge wraps), F1, Porter stemming on by
+default. DialogSum's test set has three references per dialogue: the headline number is the mean over
+all dialogue-reference pairs (1,500 pairs for 500 dialogues); confidence intervals resample dialogues.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from . import modeling
+from .config import ConfigError, GenerationConfig, Phi2sumError, RunConfig
+from .console import progress, warn
+
+METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+# A line starting with a speaker tag, or a new prompt, means the model kept going past its summary.
+RUN_ON = re.compile(r"(^|\n)\s*(#?Person\s?\d#?\s*:|#\w+#\s*:|Instruct:|Output:|<\|im_start\|>|User:|Assistant:)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a model for inference (eval, summarize)
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    fmt: str
+    stop_ids: list
+    adapter: str | None
+    hardware: modeling.Hardware
+
+
+def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
+    """Base model (+ adapter). On CUDA the base is quantized as configured and computes in bf16 (fp16
+    without bf16); on CPU it runs unquantized in fp32."""
+    if adapter is not None:
+        local = Path(adapter)
+        if local.exists():
+            if not (local / "adapter_config.json").is_file():
+                raise ConfigError(f"{adapter} is not an adapter or run directory (no adapter_config.json); "
+                                  "pass the output_dir of `phi2sum train`")
+        elif adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
+            raise ConfigError(f"--adapter {adapter}: no such directory, and not a hub id (user/name)")
+    hw = modeling.pick_hardware(cfg.train.model_copy(update={"precision": "auto"}))
+    path = modeling.base_path(cfg.model)
+    tokenizer = modeling.load_tokenizer(cfg.model, path)
+    if adapter and Path(adapter, "tokenizer_config.json").is_file():
+        tokenizer = modeling.fix_tokenizer(type(tokenizer).from_pretrained(adapter))
+    quantize = hw.device.type == "cuda" and cfg.model.quantization != "none"
+    model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
+    if adapter:
+        model = modeling.load_adapter(model, adapter)
+    model.eval()
+    fmt = data_mod.resolve_format(cfg.data, tokenizer)
+    return Loaded(model, tokenizer, fmt, data_mod.stop_ids(tokenizer, fmt), adapter, hw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation, shared by eval and summarize
+
+
+@dataclass
+class Generated:
+    text: str  # the summary shown to people and scored
+    raw: str  # everything generated before the stop token
+    new_tokens: int
+    hit_max: bool  # stopped by max_new_tokens, not by the stop token
+    run_on: bool  # the model kept going past the summary (a new turn or prompt appeared)
+    truncated_input: bool
+
+
+def clean_summary(raw: str) -> tuple[str, bool]:
+    m = RUN_ON.search(raw)
+    if m and m.start() > 0:
+        return raw[: m.start()].strip(), True
+    return raw.strip(), bool(m)
+
+
+def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: GenerationConfig,
+             on_batch=None) -> list[Generated]:
+    tok, model = loaded.tokenizer, loaded.model
+    prompts = [data_mod.fit_prompt(tok, d, loaded.fmt, instruction, gen.max_input_tokens) for d in dialogues]
+    # Longest first: the largest batch runs first (an OOM shows at once) and batches share lengths.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][0]))
+    results: list[Generated | None] = [None] * len(prompts)
+    device = loaded.hardware.device
+    stop = set(loaded.stop_ids)
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams,
+                  repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
+                  length_penalty=gen.length_penalty, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
+                  use_cache=True)
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    for start in range(0, len(order), gen.batch_size):
+        idx = order[start : start + gen.batch_size]
+        width = max(len(prompts[i][0]) for i in idx)
+        # Left padding: every prompt ends at the same column, so new tokens line up across the batch.
+        input_ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = prompts[i][0]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        new = out[:, width:].cpu().tolist()
+        for row, i in enumerate(idx):
+            tokens = new[row]
+            cut = next((k for k, t in enumerate(tokens) if t in stop), None)
+            kept = tokens if cut is None else tokens[:cut]
+            raw = tok.decode(kept, skip_special_tokens=True)
+            text, run_on = clean_summary(raw)
+            results[i] = Generated(text, raw, len(kept), cut is None, run_on, prompts[i][1])
+        if on_batch:
+            on_batch(len(idx))
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ROUGE
+
+
+def _sentences(text: str) -> str:
+    # rougeLsum scores summary-level LCS over newline-separated sentences.
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
+
+
+@dataclass
+class RougeResult:
+    pairs: dict  # metric -> mean over all dialogue-reference pairs
+    first: dict  # metric -> mean against the first reference only
+    per_dialogue_sum: dict  # metric -> array: sum over the dialogue's pairs (for the bootstrap)
+    counts: np.ndarray  # references per dialogue
+
+
+def rouge(predictions: list[str], references: list[list[str]], use_stemmer: bool = True) -> RougeResult:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=use_stemmer)
+    sums = {m: np.zeros(len(predictions)) for m in METRICS}
+    first = {m: np.zeros(len(predictions)) for m in METRICS}
+    counts = np.array([len(r) for r in references], dtype=float)
+    for i, (pred, refs) in enumerate(zip(predictions, references)):
+        for j, ref in enumerate(refs):
+            scores = scorer.score(_sentences(ref), _sentences(pred))
+            for m in METRICS:
+                sums[m][i] += scores[m].fmeasure
+                if j == 0:
+                    first[m][i] = scores[m].fmeasure
+    total = counts.sum()
+    return RougeResult({m: float(sums[m].sum() / total) for m in METRICS},
+                       {m: float(first[m].mean()) for m in METRICS}, sums, counts)
+
+
+def bootstrap_ci(result: RougeResult, samples: int, seed: int = 0) -> dict:
+    """95% percentile intervals, resampling dialogues (a dialogue's references move together)."""
+    if samples == 0:
+        return {m: None for m in METRICS}
+    rng = np.random.default_rng(seed)
+    n = len(result.counts)
+    idx = rng.integers(0, n, size=(samples, n))
+    counts = result.counts[idx].sum(axis=1)
+    out = {}
+    for m in METRICS:
+        means = result.per_dialogue_sum[m][idx].sum(axis=1) / counts
+        out[m] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return out
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def score_model(name: str, gens: list[Generated], references: list[list[str]], cfg: RunConfig,
+                seconds: float) -> dict:
+    preds = [g.text for g in gens]
+    result = rouge(preds, references, cfg.eval.use_stemmer)
+    ci = bootstrap_ci(result, cfg.eval.bootstrap_samples)
+    row = {"name": name}
+    for m in METRICS:
+        row[m] = {"mean": result.pairs[m], "ci95": ci[m]}
+    row["first_reference"] = result.first
+    row["mean_words"] = float(np.mean([words(p) for p in preds]))
+    row["reference_mean_words"] = float(np.mean([words(r) for refs in references for r in refs]))
+    row["run_on_share"] = float(np.mean([g.run_on for g in gens]))
+    row["hit_max_new_tokens_share"] = float(np.mean([g.hit_max for g in gens]))
+    row["truncated_inputs"] = int(sum(g.truncated_input for g in gens))
+    row["seconds"] = seconds
+    row["dialogues_per_second"] = len(gens) / max(seconds, 1e-9)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# The eval verb
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: Path) -> dict:
+    rows = data_mod.load_split(cfg.data, cfg.data.test_split, merge_duplicates=True)
+    n = cfg.eval.limit or len(rows.ids)
+    ids, dialogues, references = rows.ids[:n], rows.dialogues[:n], rows.references[:n]
+    loaded = load_for_inference(cfg, adapter)
+    runs = [("fine-tuned", True)] if adapter else [("base", False)]
+    if adapter and compare_base:
+        runs.append(("base", False))
+    metrics = {"split": cfg.data.test_split, "source": rows.origin, "n_dialogues": n,
+               "n_pairs": int(sum(len(r) for r in references)),
+               "protocol": "mean over all dialogue-reference pairs; CI: bootstrap over dialogues",
+               "use_stemmer": cfg.eval.use_stemmer, "rougeLsum_sentences": "split after . ! ?",
+               "bootstrap_samples": cfg.eval.bootstrap_samples, "prompt_format": loaded.fmt,
+               "stop_tokens": loaded.tokenizer.convert_ids_to_tokens(loaded.stop_ids),
+               "generation": cfg.generation.model_dump(), "base_model": cfg.model.name, "adapter": adapter,
+               "device": loaded.hardware.name, "models": {}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with progress() as bar:
+        for name, use_adapter in runs:
+            task = bar.add_task(f"generate ({name})", total=n, stats="")
+            started = time.perf_counter()
+
+            def advance(k, task=task, started=started):
+                done = bar.tasks[task].completed + k
+                bar.update(task, advance=k, stats=f"{done / (time.perf_counter() - started):.1f} dialogues/s")
+
+            if use_adapter or not adapter:
+                gens = generate(loaded, dialogues, cfg.data.instruction, cfg.generation, advance)
+            else:
+                with loaded.model.disable_adapter():
+                    gens = generate(loaded, dialogues, cfg.data.instruction, cfg.generation, advance)
+            seconds = time.perf_counter() - started
+            metrics["models"][name] = score_model(adapter if use_adapter else cfg.model.name, gens, references,
+                                                  cfg, seconds)
+            suffix = "" if name != "base" or not adapter else "_base"
+            _write_jsonl(out_dir / f"predictions{suffix}.jsonl", [
+                {"id": i, "dialogue": d, "references": r, "prediction": g.text, "raw_output": g.raw,
+                 "new_tokens": g.new_tokens, "hit_max_new_tokens": g.hit_max, "run_on": g.run_on}
+                for i, d, r, g in zip(ids, dialogues, references, gens)])
+    total_truncated = sum(m["truncated_inputs"] for m in metrics["models"].values())
+    if total_truncated:
+        warn(f"{total_truncated} dialogues were shortened to generation.max_input_tokens "
+             f"({cfg.generation.max_input_tokens})")
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(out_dir / "metrics.json")
+    return metrics
+
+
+def _fmt(entry: dict) -> str:
+    ci = entry["ci95"]
+    return f"{entry['mean']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def results_table(metrics: dict):
+    from rich.table import Table
+
+    models = metrics["models"]
+    names = [n for n in ("base", "fine-tuned") if n in models]
+    table = Table(title=f"ROUGE F1 on {metrics['split']}: {metrics['n_dialogues']} dialogues, {metrics['n_pairs']} "
+                        f"dialogue-reference pairs, stemmed={metrics['use_stemmer']} (95% bootstrap CI)")
+    table.add_column("metric")
+    for n in names:
+        table.add_column(n, justify="right")
+    if len(names) == 2:
+        table.add_column("difference", justify="right")
+    for m in METRICS:
+        cells = [_fmt(models[n][m]) for n in names]
+        if len(names) == 2:
+            d = models["fine-tuned"][m]["mean"] - models["base"][m]["mean"]
+            cells.append(f"{d:+.4f}")
+        table.add_row(m, *cells)
+    extra = [("mean words (refs {:.1f})".format(models[names[0]]["reference_mean_words"]), "mean_words", "{:.1f}"),
+             ("ran past the summary", "run_on_share", "{:.1%}"),
+             ("hit max_new_tokens", "hit_max_new_tokens_share", "{:.1%}"),
+             ("dialogues/s", "dialogues_per_second", "{:.2f}")]
+    for label, key, f in extra:
+        cells = [f.format(models[n][key]) for n in names]
+        if len(names) == 2:
+            cells.append("")
+        table.add_row(label, *cells)
+    return table

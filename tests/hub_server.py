@@ -1,0 +1,122 @@
+"""A stand-in for the few Hugging Face Hub HTTP endpoints that `create_repo`, `create_branch` and
+`upload_folder` call, served on 127.0.0.1, so `phi2sum push` runs end to end with no network.
+
+It answers every preupload with "regular" (files travel base64-encoded inside the commit, no LFS/Xet)
+and keeps what each commit sends in memory: `hub.repos["user/name"]["branches"]["main"]["README.md"]`.
+Anything it does not implement gets a 404 and is recorded in `hub.unhandled`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+REPO_ACTION = re.compile(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)")
+REPO_INFO = re.compile(r"/api/models/([^/]+/[^/]+)(?:/revision/.+)?")
+
+
+class FakeHub:
+    def __init__(self):
+        self.repos: dict[str, dict] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # method, path, Authorization header
+        self.unhandled: list[str] = []
+        self.fail: dict[str, int] = {}  # route name ("create", "preupload", "commit") -> HTTP status
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.hub = self
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict, dict]:
+        """(status, JSON reply, extra headers) for one request."""
+        if method == "POST" and path == "/api/repos/create":
+            if "create" in self.fail:
+                return self.fail["create"], {"error": "You don't have the rights to create a model here"}, {}
+            req = json.loads(body)
+            repo_id = f"{req['organization']}/{req['name']}"
+            private = req.get("private", req.get("visibility") == "private")
+            self.repos.setdefault(repo_id, {"private": private, "branches": {"main": {}}, "commits": []})
+            return 200, {"url": f"{self.url}/{repo_id}"}, {}
+        if method == "POST" and path == "/api/validate-yaml":
+            return 200, {"errors": [], "warnings": []}, {}
+        m = REPO_ACTION.fullmatch(path)
+        if method == "POST" and m:
+            repo_id, action, rev = m.group(1), m.group(2), unquote(m.group(3))
+            if action in self.fail:
+                return self.fail[action], {"error": f"{action} refused"}, {}
+            repo = self.repos.get(repo_id)
+            if repo is None:
+                return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+            if action == "branch":
+                if rev in repo["branches"]:
+                    return 409, {"error": "branch exists"}, {}
+                repo["branches"][rev] = dict(repo["branches"]["main"])
+                return 200, {}, {}
+            if rev not in repo["branches"]:
+                return 404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"}
+            if action == "preupload":
+                files = json.loads(body)["files"]
+                return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                        "oid": None} for f in files]}, {}
+            lines = [json.loads(x) for x in body.splitlines() if x.strip()]
+            for line in lines:
+                if line["key"] == "file":
+                    content = base64.b64decode(line["value"]["content"])
+                    repo["branches"][rev][line["value"]["path"]] = content
+                elif line["key"] != "header":  # lfsFile etc.: this stand-in only speaks "regular"
+                    return 400, {"error": f"stand-in cannot handle {line['key']}"}, {}
+            repo["commits"].append({"revision": rev, "summary": lines[0]["value"]["summary"]})
+            oid = f"{len(repo['commits']):040x}"
+            return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid,
+                         "pullRequestUrl": None}, {}
+        if method == "GET" and path == "/api/agent-harnesses":  # huggingface_hub 2.x's optional lookup
+            return 404, {"error": "not served here"}, {}
+        m = REPO_INFO.fullmatch(path)
+        if method == "GET" and m and m.group(1) in self.repos:
+            return 200, {"id": m.group(1), "sha": "0" * 40, "private": self.repos[m.group(1)]["private"]}, {}
+        if method == "GET" and m:
+            return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+        self.unhandled.append(f"{method} {path}")
+        return 404, {"error": "not implemented by the stand-in"}, {}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = b""
+            while (size := int(self.rfile.readline().strip() or b"0", 16)) > 0:
+                out += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return out
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _serve(self):
+        hub: FakeHub = self.server.hub
+        path = urlsplit(self.path).path
+        body = self._body()
+        hub.requests.append((self.command, path, self.headers.get("Authorization")))
+        status, reply, headers = hub.handle(self.command, path, body)
+        data = json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _serve
