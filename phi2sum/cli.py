@@ -265,7 +265,10 @@ def main():
     except Exception as e:  # click usage errors: one line, exit 2
         import click
 
-        if isinstance(e, click.ClickException):
+        # Newer typer raises usage errors from its own bundled click (typer.TyperException), older
+        # typer from click itself: both are a user's typo, never a traceback.
+        usage = (click.ClickException,) + ((typer.TyperException,) if hasattr(typer, "TyperException") else ())
+        if isinstance(e, usage) and hasattr(e, "format_message"):
             error(e.format_message())
             sys.exit(e.exit_code)
         raise

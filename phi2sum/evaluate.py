@@ -43,17 +43,23 @@ class Loaded:
     hardware: modeling.Hardware
 
 
+def check_adapter(adapter: str | None) -> None:
+    """Fail fast on an --adapter that cannot be one, before any data or model is loaded."""
+    if adapter is None:
+        return
+    local = Path(adapter)
+    if local.exists():
+        if not (local / "adapter_config.json").is_file():
+            raise ConfigError(f"{adapter} is not an adapter or run directory (no adapter_config.json); "
+                              "pass the output_dir of `phi2sum train`")
+    elif adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
+        raise ConfigError(f"--adapter {adapter}: no such directory, and not a hub id (user/name)")
+
+
 def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     """Base model (+ adapter). On CUDA the base is quantized as configured and computes in bf16 (fp16
     without bf16); on CPU it runs unquantized in fp32."""
-    if adapter is not None:
-        local = Path(adapter)
-        if local.exists():
-            if not (local / "adapter_config.json").is_file():
-                raise ConfigError(f"{adapter} is not an adapter or run directory (no adapter_config.json); "
-                                  "pass the output_dir of `phi2sum train`")
-        elif adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
-            raise ConfigError(f"--adapter {adapter}: no such directory, and not a hub id (user/name)")
+    check_adapter(adapter)
     hw = modeling.pick_hardware(cfg.train.model_copy(update={"precision": "auto"}))
     path = modeling.base_path(cfg.model)
     tokenizer = modeling.load_tokenizer(cfg.model, path)
@@ -62,7 +68,15 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     quantize = hw.device.type == "cuda" and cfg.model.quantization != "none"
     model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
     if adapter:
-        model = modeling.load_adapter(model, adapter)
+        try:
+            model = modeling.load_adapter(model, adapter)
+        except Phi2sumError as e:
+            # PEFT's first line is only "Error(s) in loading state_dict"; the usual cause is another base.
+            trained_on = modeling.read_adapter_base(adapter)
+            if trained_on and trained_on != cfg.model.name:
+                raise Phi2sumError(f"{str(e).rstrip(': ')} (it was trained on {trained_on}, not "
+                                   f"{cfg.model.name}); set model.name to its base") from None
+            raise
     model.eval()
     fmt = data_mod.resolve_format(cfg.data, tokenizer)
     return Loaded(model, tokenizer, fmt, data_mod.stop_ids(tokenizer, fmt), adapter, hw)
@@ -218,8 +232,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: Path) -> dict:
+    check_adapter(adapter)  # before the test split is read (or downloaded)
     rows = data_mod.load_split(cfg.data, cfg.data.test_split, merge_duplicates=True)
-    n = cfg.eval.limit or len(rows.ids)
+    n = min(cfg.eval.limit or len(rows.ids), len(rows.ids))
     ids, dialogues, references = rows.ids[:n], rows.dialogues[:n], rows.references[:n]
     loaded = load_for_inference(cfg, adapter)
     runs = [("fine-tuned", True)] if adapter else [("base", False)]

@@ -67,7 +67,9 @@ def read_inputs(inputs: list[str]) -> list[tuple[str, str]]:
             continue
         path = Path(arg)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".txt", ".md", ""))
+            # Hidden files (.DS_Store, .gitkeep) have no suffix either; they are not dialogues.
+            files = sorted(p for p in path.iterdir()
+                           if p.is_file() and not p.name.startswith(".") and p.suffix in (".txt", ".md", ""))
             if not files:
                 raise ConfigError(f"{path} holds no .txt files to summarize")
             items += [(str(p), _decode(p.read_bytes(), str(p))) for p in files]

@@ -147,7 +147,8 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scaler, extra: dict,
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CKPT_PREFIX}{step:08d}"
     tmp = root / f".tmp-{CKPT_PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for torn in root.glob(f".tmp-{CKPT_PREFIX}*"):  # left by a killed run (only one process writes here)
+        shutil.rmtree(torn, ignore_errors=True)
     tmp.mkdir()
     try:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -166,10 +167,17 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scaler, extra: dict,
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except Exception as e:  # a full disk, most often: torch.save says so only as "unexpected pos" (RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = (str(e).strip().splitlines() or [""])[0][:200]
+        raise Phi2sumError(f"could not write checkpoint {final} ({type(e).__name__}: {cause}); is the disk full? "
+                           "The older checkpoints are intact: free some space, then continue with --resume") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in sorted(root.glob(f"{CKPT_PREFIX}*"))[:-keep]:
+    # Newer checkpoints than this one are ones resume skipped as corrupt: never keep them instead of this one.
+    newer = [p for p in root.glob(f"{CKPT_PREFIX}*") if p.name > final.name]
+    for old in newer + sorted(p for p in root.glob(f"{CKPT_PREFIX}*") if p.name <= final.name)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -219,6 +227,9 @@ def check_run_dir(run: Path, overwrite: bool, resume: bool) -> None:
     if not run.exists() or not any(run.iterdir()):
         return
     if overwrite:
+        if not ((run / "config.yaml").is_file() or (run / "checkpoints").is_dir()):
+            raise ConfigError(f"{run} is not a phi2sum run folder; --overwrite deletes only runs. "
+                              "Set train.output_dir to a new or empty folder")
         shutil.rmtree(run)
         return
     if resume:
@@ -309,6 +320,7 @@ def evaluate_loss(loss_model, rows, batch_size, pad_id, device, accelerator) -> 
 
 def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     t = cfg.train
@@ -317,6 +329,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     if problems:
         raise ConfigError("\n".join(problems))
     mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(hw.dtype, "no")
+    # accelerate keeps one process-wide state; a second train() in the same process (a notebook, a
+    # benchmark) with another precision would be refused. The distributed part of the state stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed, cpu=hw.device.type == "cpu")
     main = accelerator.is_main_process
     world = accelerator.num_processes

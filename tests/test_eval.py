@@ -1,0 +1,418 @@
+"""Batched generation, ROUGE and the eval verb, through the real code: a random tiny model for padding
+checks, "scripted" tiny models whose next token is fixed (to place stop tokens and run-ons exactly),
+rouge-score itself as the reference, and one real training run scored by `phi2sum eval`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import SLICE, tiny_config_dict
+from phi2sum import data as data_mod
+from phi2sum import evaluate, modeling
+from phi2sum.cli import app
+from phi2sum.config import GenerationConfig, RunConfig
+
+runner = CliRunner()
+EOS = "<|endoftext|>"
+INSTRUCTION = "Summarize the following conversation."
+# Prompts of very different lengths, so batches need real left padding.
+DIALOGUES = ["#Person1#: Hi.\n#Person2#: Hey.",
+             "#Person1#: Where is the station?\n#Person2#: Two blocks down, next to the bank. " * 6,
+             "#Person1#: Coffee?\n#Person2#: Tea, please.",
+             "#Person1#: I lost my keys again, could you help me look for them?\n#Person2#: Sure. " * 3,
+             "#Person1#: Done?\n#Person2#: Yes."]
+
+
+def config(model_dir: Path, tmp: Path, **sections) -> RunConfig:
+    return RunConfig.model_validate(tiny_config_dict(model_dir, tmp, **sections))
+
+
+def scripted_lm(model_dir: Path, script: dict[str, list[str]], bias: dict[str, float] | None = None,
+                new_tokens: tuple[str, ...] = (), fmt: str = "plain") -> evaluate.Loaded:
+    """A real PhiForCausalLM rewired so its next token depends only on the current one.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the normed embedding of the current
+    token; the scripted tokens get orthogonal embeddings and lm_head maps each to its successor(s) with a
+    logit of 30 (all else 0, plus `bias`). Two successors tie, so sampling picks either. Every prompt ends
+    with the template's last token ("\\n" after `Output:`), so the script starts there."""
+    from transformers import AutoTokenizer, PhiForCausalLM
+
+    tok = modeling.fix_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+    tok.add_tokens(list(new_tokens))
+    model = PhiForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    used = sorted(set(script) | {y for ys in script.values() for y in ys} | set(bias or {}))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in used}
+    assert tok.unk_token_id not in [ids[t] for t in used if t != tok.unk_token], "a scripted token is not in the vocab"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for linear in (layer.self_attn.dense, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        a = torch.randn(model.config.hidden_size, len(used), generator=torch.Generator().manual_seed(0))
+        basis, _ = torch.linalg.qr(a - a.mean(0))  # orthonormal, zero-mean: LayerNorm keeps them orthogonal
+        emb, norm, head = model.model.embed_tokens.weight, model.model.final_layernorm, model.lm_head
+        for k, t in enumerate(used):
+            emb[ids[t]] = 5 * basis[:, k]
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+        head.weight.zero_()
+        head.bias.zero_()
+        for x, successors in script.items():
+            h = norm(emb[ids[x]])
+            for y in successors:
+                head.weight[ids[y]] += 30.0 * h / h.dot(h)
+        for t, b in (bias or {}).items():
+            head.bias[ids[t]] = b
+    model.eval()
+    hw = modeling.Hardware(torch.device("cpu"), torch.float32, "cpu")
+    return evaluate.Loaded(model, tok, fmt, data_mod.stop_ids(tok, fmt), None, hw)
+
+
+def chain(*tokens: str) -> dict[str, list[str]]:
+    return {a: [b] for a, b in zip(tokens, tokens[1:])}
+
+
+# "Tom is late." then the stop token, as BPE tokens of the test tokenizer.
+TOM_IS_LATE = ("Ċ", "T", "om", "Ġis", "Ġl", "ate", ".")
+
+
+@pytest.fixture(scope="module")
+def random_lm(tiny_model, tmp_path_factory) -> evaluate.Loaded:
+    return evaluate.load_for_inference(config(tiny_model, tmp_path_factory.mktemp("cfg")), None)
+
+
+@pytest.fixture(scope="module")
+def random_chat_lm(tiny_chat_model, tmp_path_factory) -> evaluate.Loaded:
+    return evaluate.load_for_inference(config(tiny_chat_model, tmp_path_factory.mktemp("cfg")), None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model) -> Path:
+    """One real 6-step CPU training run for the eval verb tests."""
+    from phi2sum.train import train
+
+    tmp = tmp_path_factory.mktemp("eval-run")
+    train(config(tiny_model, tmp))
+    return tmp / "run"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation
+
+
+@pytest.mark.parametrize("lm", ["random_lm", "random_chat_lm"])
+def test_batched_generation_equals_one_at_a_time(lm, request):
+    """Left padding and the attention mask leave each row's greedy output exactly as if it ran alone."""
+    loaded = request.getfixturevalue(lm)
+    batched = evaluate.generate(loaded, DIALOGUES, INSTRUCTION, GenerationConfig(max_new_tokens=10, batch_size=4))
+    alone = evaluate.generate(loaded, DIALOGUES, INSTRUCTION, GenerationConfig(max_new_tokens=10, batch_size=1))
+    assert [g.raw for g in batched] == [g.raw for g in alone]
+    assert [g.new_tokens for g in batched] == [g.new_tokens for g in alone]
+    for g in batched:
+        assert "Instruct:" not in g.raw and "#Person1#: " not in g.raw and "<|im_start|>" not in g.raw
+
+
+def test_batches_group_prompts_of_similar_length(random_lm):
+    widths = []
+
+    class Recorder:  # the real model, with the padded batch widths noted on the way
+        def generate(self, input_ids, **kwargs):
+            widths.append(input_ids.shape[1])
+            return random_lm.model.generate(input_ids=input_ids, **kwargs)
+
+    loaded = evaluate.Loaded(Recorder(), random_lm.tokenizer, random_lm.fmt, random_lm.stop_ids, None,
+                             random_lm.hardware)
+    short, long = DIALOGUES[0], DIALOGUES[1]
+    gens = evaluate.generate(loaded, [short, long, short, long], INSTRUCTION,
+                             GenerationConfig(max_new_tokens=2, batch_size=2))
+    lengths = {d: len(data_mod.fit_prompt(random_lm.tokenizer, d, "plain", INSTRUCTION, 896)[0]) for d in (short, long)}
+    assert widths == [lengths[long], lengths[short]]  # the long pair first, the short pair unpadded
+    assert gens[0].raw == gens[2].raw and gens[1].raw == gens[3].raw  # results come back in input order
+
+
+def test_output_is_the_summary_alone_and_stops_at_the_stop_token(tiny_model):
+    loaded = scripted_lm(tiny_model, chain(*TOM_IS_LATE, EOS))
+    for g in evaluate.generate(loaded, DIALOGUES, INSTRUCTION, GenerationConfig(max_new_tokens=12, batch_size=2)):
+        assert (g.text, g.raw, g.new_tokens, g.hit_max, g.run_on) == ("Tom is late.", "Tom is late.", 6, False, False)
+
+
+def test_hit_max_when_no_stop_token_comes(tiny_model):
+    loaded = scripted_lm(tiny_model, chain(*TOM_IS_LATE, EOS))
+    [g] = evaluate.generate(loaded, DIALOGUES[:1], INSTRUCTION, GenerationConfig(max_new_tokens=3))
+    assert (g.text, g.new_tokens, g.hit_max) == ("Tom is", 3, True)
+
+
+def test_rows_that_stop_early_are_cut_at_their_stop_token(tiny_model):
+    """After "Tom" the script ties between " is late." + stop and an endless " ok ok": sampled rows
+    take either branch within one batch; each is cut at its own stop token or runs to max_new_tokens."""
+    script = chain(*TOM_IS_LATE, EOS) | {"om": ["Ġis", "Ġo"], "Ġo": ["k"], "k": ["Ġo"]}
+    loaded = scripted_lm(tiny_model, script)
+    torch.manual_seed(0)
+    gens = evaluate.generate(loaded, DIALOGUES[:2] * 8, INSTRUCTION,
+                             GenerationConfig(max_new_tokens=10, batch_size=16, do_sample=True))
+    outcomes = {(g.text, g.new_tokens, g.hit_max) for g in gens}
+    assert outcomes == {("Tom is late.", 6, False), ("Tom ok ok ok ok", 10, True)}
+
+
+def test_chat_model_stops_at_its_end_of_turn_token_not_eos(tiny_chat_model):
+    """The chat template ends turns with <|im_end|> (not EOS); text scripted after it is never shown."""
+    loaded = scripted_lm(tiny_chat_model, chain(*TOM_IS_LATE, "<|im_end|>", "Ġo", "k"), fmt="chat")
+    assert loaded.tokenizer.convert_ids_to_tokens(loaded.stop_ids)[0] == "<|im_end|>"
+    [g] = evaluate.generate(loaded, DIALOGUES[:1], INSTRUCTION, GenerationConfig(max_new_tokens=12))
+    assert (g.text, g.raw, g.new_tokens, g.hit_max) == ("Tom is late.", "Tom is late.", 6, False)
+
+
+def test_run_on_into_a_new_turn_is_cut_and_flagged(tiny_model):
+    turn = "\n#Person2#:"  # one added token: the script needs a newline token other than the prompt's last
+    loaded = scripted_lm(tiny_model, chain(*TOM_IS_LATE, turn, "Ġo", "k", EOS), new_tokens=(turn,))
+    [g] = evaluate.generate(loaded, DIALOGUES[:1], INSTRUCTION, GenerationConfig(max_new_tokens=20))
+    assert (g.text, g.raw, g.run_on, g.hit_max) == ("Tom is late.", "Tom is late.\n#Person2#: ok", True, False)
+
+
+@pytest.mark.parametrize("raw,text,run_on", [
+    ("Tom is late.", "Tom is late.", False),
+    (" #Person1# tells #Person2# about it. ", "#Person1# tells #Person2# about it.", False),
+    ("Tom is late.\n#Person2#: ok, see you", "Tom is late.", True),
+    ("Tom is late.\n  #Person1#: hm", "Tom is late.", True),
+    ("Tom is late.\nPerson2: ok", "Tom is late.", True),
+    ("Tom is late.\nInstruct: Summarize", "Tom is late.", True),
+    ("Tom is late.\n<|im_start|>user", "Tom is late.", True),
+    ("Tom is late.\nHe left.", "Tom is late.\nHe left.", False),
+    ("Tom says #Person2#: is late", "Tom says #Person2#: is late", False),  # not a new line: not a turn
+])
+def test_clean_summary(raw, text, run_on):
+    assert evaluate.clean_summary(raw) == (text, run_on)
+
+
+def test_beam_search_and_sampling_work(tiny_model, random_lm):
+    loaded = scripted_lm(tiny_model, chain(*TOM_IS_LATE, EOS))
+    for gen in (GenerationConfig(num_beams=2, max_new_tokens=12),
+                GenerationConfig(num_beams=3, length_penalty=0.5, max_new_tokens=12),
+                GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=12)):
+        gens = evaluate.generate(loaded, DIALOGUES, INSTRUCTION, gen)
+        assert {(g.text, g.hit_max) for g in gens} == {("Tom is late.", False)}, gen
+    # On a random model: beams/sampling run batched, stay within max_new_tokens, and sampling is seeded.
+    beams = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, GenerationConfig(num_beams=2, max_new_tokens=6))
+    assert all(0 < g.new_tokens <= 6 for g in beams)
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        sampled.append([g.raw for g in evaluate.generate(random_lm, DIALOGUES, INSTRUCTION,
+                                                         GenerationConfig(do_sample=True, max_new_tokens=6))])
+    assert sampled[0] == sampled[1]
+
+
+def test_repetition_penalty_is_applied(tiny_model):
+    # " ok" repeats forever; with a penalty the repeated " o" falls below " do" (bias 5), which ends it.
+    loaded = scripted_lm(tiny_model, {"Ċ": ["Ġo"], "Ġo": ["k"], "k": ["Ġo"], "Ġdo": [EOS]}, bias={"Ġdo": 5.0})
+    [plain] = evaluate.generate(loaded, DIALOGUES[:1], INSTRUCTION, GenerationConfig(max_new_tokens=6))
+    [penalized] = evaluate.generate(loaded, DIALOGUES[:1], INSTRUCTION,
+                                    GenerationConfig(max_new_tokens=6, repetition_penalty=10.0))
+    assert (plain.text, plain.hit_max) == ("ok ok ok", True)
+    assert (penalized.text, penalized.hit_max) == ("ok do", False)
+
+
+def test_long_dialogues_are_shortened_to_max_input_tokens(random_lm):
+    gen = GenerationConfig(max_new_tokens=2, max_input_tokens=64)
+    gens = evaluate.generate(random_lm, [DIALOGUES[0], DIALOGUES[1]], INSTRUCTION, gen)
+    assert [g.truncated_input for g in gens] == [False, True]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ROUGE
+
+
+def split_sentences(text: str) -> str:
+    # The sentence split metrics.json documents for rougeLsum ("split after . ! ?").
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
+
+
+def direct_rouge(predictions, references, use_stemmer=True) -> tuple[dict, dict]:
+    """Mean over all dialogue-reference pairs, and against the first reference, with rouge-score itself."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=use_stemmer)
+    pairs, first = {m: [] for m in evaluate.METRICS}, {m: [] for m in evaluate.METRICS}
+    for pred, refs in zip(predictions, references):
+        for j, ref in enumerate(refs):
+            flat = scorer.score(ref, pred)
+            lsum = scorer.score(split_sentences(ref), split_sentences(pred))["rougeLsum"]
+            for m in evaluate.METRICS:
+                f = (lsum if m == "rougeLsum" else flat[m]).fmeasure
+                pairs[m].append(f)
+                if j == 0:
+                    first[m].append(f)
+    return {m: float(np.mean(v)) for m, v in pairs.items()}, {m: float(np.mean(v)) for m, v in first.items()}
+
+
+@pytest.fixture(scope="module")
+def slice_refs() -> list[list[str]]:
+    rows = [json.loads(line) for line in (SLICE / "test.jsonl").read_text().splitlines()]
+    # Uneven reference counts, as after merging duplicate dialogues.
+    return [r["summaries"][: 1 + i % 3] for i, r in enumerate(rows)]
+
+
+def test_rouge_matches_rouge_score(slice_refs):
+    # Predictions of mixed quality: a reference of the next dialogue, a cut-down reference, two sentences.
+    preds = [slice_refs[(i + 1) % len(slice_refs)][0] if i % 3 == 0 else
+             " ".join(refs[-1].split()[: 6 + i % 7]) if i % 3 == 1 else
+             f"{refs[0].split('.')[0]}. They agree to meet later!"
+             for i, refs in enumerate(slice_refs)]
+    for stem in (True, False):
+        result = evaluate.rouge(preds, slice_refs, use_stemmer=stem)
+        pairs, first = direct_rouge(preds, slice_refs, use_stemmer=stem)
+        assert result.pairs == pytest.approx(pairs, abs=1e-12)
+        assert result.first == pytest.approx(first, abs=1e-12)
+        assert result.counts.sum() == sum(len(r) for r in slice_refs)
+    # Stemming is a real switch ("agrees"/"agree" match only stemmed).
+    assert evaluate.rouge(["He agrees."], [["He agree."]], True).pairs["rouge1"] == 1.0
+    assert evaluate.rouge(["He agrees."], [["He agree."]], False).pairs["rouge1"] == 0.5
+
+
+def test_identical_predictions_score_one(slice_refs):
+    refs = [[r[0]] for r in slice_refs]
+    result = evaluate.rouge([r[0] for r in refs], refs)
+    assert result.pairs == {m: pytest.approx(1.0) for m in evaluate.METRICS}
+    assert evaluate.bootstrap_ci(result, 200) == {m: [pytest.approx(1.0), pytest.approx(1.0)] for m in evaluate.METRICS}
+
+
+def test_bootstrap_ci_contains_the_mean_and_narrows_with_more_dialogues():
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(40)]
+
+    def world(n):
+        refs = [[" ".join(rng.choice(vocab, 12)) for _ in range(3)] for _ in range(n)]
+        preds = [" ".join(rng.choice(r[0].split() + vocab, 10)) for r in refs]
+        return evaluate.rouge(preds, refs)
+
+    small, large = world(15), world(300)
+    width = {}
+    for name, result in (("small", small), ("large", large)):
+        ci = evaluate.bootstrap_ci(result, 500)
+        for m in evaluate.METRICS:
+            assert ci[m][0] <= result.pairs[m] <= ci[m][1]
+        width[name] = ci["rouge1"][1] - ci["rouge1"][0]
+    assert width["large"] < width["small"] / 2
+    assert evaluate.bootstrap_ci(small, 0) == {m: None for m in evaluate.METRICS}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The eval verb
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_eval_verb_writes_table_predictions_and_metrics(trained, tmp_path):
+    out = tmp_path / "scores"
+    result = runner.invoke(app, ["eval", "--adapter", str(trained), "--limit", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for word in ("rouge1", "rouge2", "rougeL", "rougeLsum", "base", "fine-tuned", "difference"):
+        assert word in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n_dialogues"], metrics["n_pairs"], metrics["use_stemmer"]) == (3, 9, True)
+    assert metrics["generation"]["max_new_tokens"] == 12 and metrics["generation"]["num_beams"] == 1
+    assert metrics["stop_tokens"] == [EOS] and metrics["prompt_format"] == "plain"
+    refs = [json.loads(line)["summaries"] for line in (SLICE / "test.jsonl").read_text().splitlines()[:3]]
+    for name, file in (("fine-tuned", "predictions.jsonl"), ("base", "predictions_base.jsonl")):
+        rows = read_jsonl(out / file)
+        assert [r["id"] for r in rows] == ["test_0", "test_1", "test_2"]
+        assert [r["references"] for r in rows] == refs
+        assert all(r["dialogue"].startswith("#Person1#:") and isinstance(r["prediction"], str) for r in rows)
+        scores = metrics["models"][name]
+        pairs, first = direct_rouge([r["prediction"] for r in rows], [r["references"] for r in rows])
+        for m in evaluate.METRICS:
+            assert scores[m]["mean"] == pytest.approx(pairs[m], abs=1e-12)
+            lo, hi = scores[m]["ci95"]
+            assert lo <= scores[m]["mean"] + 1e-12 and scores[m]["mean"] <= hi + 1e-12
+        assert scores["first_reference"] == pytest.approx(first, abs=1e-12)
+        assert scores["mean_words"] == pytest.approx(np.mean([len(r["prediction"].split()) for r in rows]))
+        assert scores["reference_mean_words"] == pytest.approx(np.mean([len(x.split()) for r in refs for x in r]))
+        assert scores["run_on_share"] == np.mean([r["run_on"] for r in rows])
+        assert scores["hit_max_new_tokens_share"] == np.mean([r["hit_max_new_tokens"] for r in rows])
+    # The adapter changed the model: the two prediction files differ (a 6-step run at lr 3e-3).
+    assert read_jsonl(out / "predictions.jsonl") != read_jsonl(out / "predictions_base.jsonl")
+
+
+def test_eval_compare_none_and_limit_beyond_the_split(trained):
+    """--compare none scores only the fine-tuned model; a --limit above the split's size means all of it.
+    Without --out, results go to <run>/eval."""
+    result = runner.invoke(app, ["eval", "--adapter", str(trained), "--compare", "none", "--limit", "100"])
+    assert result.exit_code == 0, result.output
+    out = trained / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["fine-tuned"]
+    assert metrics["n_dialogues"] == 6  # data.max_rows.test in the tiny config
+    assert len(read_jsonl(out / "predictions.jsonl")) == 6
+    assert not (out / "predictions_base.jsonl").exists()
+    assert "fine-tuned" in result.output and "difference" not in result.output
+
+
+def test_eval_bare_adapter_reads_its_base_from_adapter_config(trained, tiny_model, tmp_path):
+    bare = tmp_path / "adapter"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(trained / name, bare / name)
+    out = tmp_path / "scores"
+    result = runner.invoke(app, ["eval", "--adapter", str(bare), "--limit", "2", "--compare", "none",
+                                 "--out", str(out), "--set", f"data.source={SLICE}",
+                                 "--set", "generation.max_new_tokens=4", "--set", "eval.bootstrap_samples=10"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["base_model"] == str(tiny_model)
+    assert metrics["n_dialogues"] == 2 and metrics["generation"]["max_new_tokens"] == 4
+
+
+def test_eval_on_a_folder_that_is_not_an_adapter(tmp_path):
+    folder = tmp_path / "not-an-adapter"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    result = runner.invoke(app, ["eval", "--adapter", str(folder), "--limit", "1"])
+    assert result.exit_code == 2
+    # Said before the (default, hub) test split is loaded: the one line names the adapter problem.
+    assert error_lines(result.output) == [f"error: {folder} is not an adapter or run directory (no "
+                                          "adapter_config.json); pass the output_dir of `phi2sum train`"]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def wider_model(tmp_path_factory) -> Path:
+    """A tiny model with another hidden size: an adapter from tiny_model does not fit it."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from conftest import _train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-phi-wide")
+    tok = _train_tokenizer(chat=False)
+    cfg = PhiConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, partial_rotary_factor=0.4, tie_word_embeddings=False,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    PhiForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_eval_adapter_for_another_base_is_one_clear_error(trained, tiny_model, wider_model, tmp_path):
+    result = runner.invoke(app, ["eval", "--adapter", str(trained), "--limit", "1", "--out", str(tmp_path / "x"),
+                                 "--set", f"model.name={wider_model}"])
+    assert result.exit_code in (1, 2), result.output
+    [line] = error_lines(result.output)
+    assert f"cannot load the adapter from {trained}" in line
+    assert f"trained on {tiny_model}, not {wider_model}" in line
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "x" / "metrics.json").exists()
