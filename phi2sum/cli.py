@@ -247,6 +247,11 @@ def main():
     # Keep library chatter (progress bars of datasets/transformers, advisory warnings) off our output.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    # Deprecation notices from inside transformers/peft/torch are for their developers, not our users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         from transformers.utils import logging as hf_logging
 
