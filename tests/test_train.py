@@ -1,0 +1,433 @@
+"""The training loop through the real code on the tiny model: the loss falls, the run directory is
+complete, the adapter reloads to the same logits, and an interrupted run resumes to exactly the weights
+of an uninterrupted one. CPU, fp32, a few seconds per run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import ROOT, tiny_config_dict
+from phi2sum import train as train_mod
+from phi2sum.cli import app
+from phi2sum.config import ConfigError, load_config
+from phi2sum.train import epoch_batches, lr_at, train
+
+runner = CliRunner()
+# One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine two threads
+# per process make every step 10x slower. Subprocesses get the same through the environment.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_config(tmp: Path, model_dir: Path, **sections) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(model_dir, tmp, **sections)))
+    return path
+
+
+def metrics(run: Path, kind: str) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def unwrapped(output: str) -> str:
+    """Console output with rich's line wrapping undone (long paths wrap at 120 columns)."""
+    return " ".join(output.split())
+
+
+def sigint_at(monkeypatch, at_step: int) -> None:
+    """Send this process a real SIGINT while optimizer step `at_step` runs (lr_at is called once per step,
+    with the 0-based step), so the loop's own signal handler asks for the stop."""
+    real = train_mod.lr_at
+
+    def lr_and_signal(step, *args):
+        if step == at_step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, *args)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_and_signal)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_epoch_batches_cover_every_row_once_and_repeat_exactly():
+    lengths = np.random.default_rng(0).integers(10, 400, size=203)
+    for group in (False, True):
+        batches = epoch_batches(lengths, 8, seed=3, epoch=0, group=group)
+        rows = np.concatenate(batches)
+        assert sorted(rows.tolist()) == list(range(203))
+        assert [len(b) for b in batches].count(8) == 25 and sorted(len(b) for b in batches)[0] == 3
+        again = epoch_batches(lengths, 8, seed=3, epoch=0, group=group)
+        assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+        other = epoch_batches(lengths, 8, seed=3, epoch=1, group=group)
+        assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+
+    # Grouping puts similar lengths together: much less padding than a random split.
+    def padding(bs):
+        return sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in bs)
+
+    assert padding(epoch_batches(lengths, 8, 3, 0, True)) < 0.5 * padding(epoch_batches(lengths, 8, 3, 0, False))
+
+
+def test_lr_warms_up_then_decays():
+    peak, warmup, total = 1e-3, 4, 20
+    cosine = [lr_at(s, total, peak, warmup, "cosine") for s in range(total)]
+    assert all(a < b for a, b in zip(cosine[:warmup + 1], cosine[1:warmup + 1]))  # rises during warm-up
+    assert cosine[warmup] == pytest.approx(peak)
+    assert all(a > b for a, b in zip(cosine[warmup:], cosine[warmup + 1:]))  # then falls
+    assert cosine[warmup + (total - warmup) // 2] == pytest.approx(peak / 2)  # half way down at mid-point
+    assert lr_at(total, total, peak, warmup, "cosine") == pytest.approx(0, abs=1e-12)
+    assert lr_at(total, total, peak, warmup, "linear") == pytest.approx(0, abs=1e-12)
+    assert lr_at(12, total, peak, warmup, "linear") == pytest.approx(peak / 2)
+    assert lr_at(15, total, peak, warmup, "constant") == peak
+    assert 0 < lr_at(0, total, peak, warmup, "cosine") < peak  # the first step never runs at lr 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# One real run, shared by the tests that only read it
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    """16 steps on the tiny model, with the trained PeftModel kept from inside train()."""
+    tmp = tmp_path_factory.mktemp("train")
+    config = write_config(tmp, tiny_model, train={"max_steps": 16, "learning_rate": 1e-2, "eval_every": 8,
+                                                  "save_every": 8, "keep_best": False})
+    captured = {}
+    real_add_lora = train_mod.modeling.add_lora
+
+    def add_lora(*args, **kwargs):
+        captured["model"] = real_add_lora(*args, **kwargs)
+        return captured["model"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod.modeling, "add_lora", add_lora)
+        result = train(load_config(config))
+    return {"config": config, "run": tmp / "run", "result": result, "model": captured["model"]}
+
+
+def test_tiny_model_loss_falls(trained):
+    losses = [r["loss"] for r in metrics(trained["run"], "train")]
+    assert len(losses) == 16
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+    evals = metrics(trained["run"], "eval")
+    assert [r["step"] for r in evals] == [8, 16]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_run_dir_holds_adapter_tokenizer_config_metrics_plot_summary(trained):
+    run, result = trained["run"], trained["result"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "config.yaml", "metrics.jsonl", "loss.png", "summary.json", "prepare_report.json"):
+        assert (run / name).is_file(), name
+    assert not (run / "last").exists() and not list(run.glob(".tmp-*"))
+    assert load_config(run / "config.yaml") == load_config(trained["config"])
+
+    from PIL import Image
+
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(run / "loss.png") as img:
+        img.verify()
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == summary["total_steps"] == 16 and summary["stopped"] == "finished"
+    assert summary["device"] == "cpu" and summary["precision"] == "fp32" and summary["world_size"] == 1
+    assert summary["real_tokens"] > 16 * 8 * 32 and summary["seconds"] > 0
+    assert summary["train_loss"] == pytest.approx(metrics(run, "train")[-1]["loss"])
+    assert summary["final_eval_loss"] == pytest.approx(metrics(run, "eval")[-1]["eval_loss"])
+    assert summary["trainable_parameters"] > 0
+    assert summary["base_model"] == load_config(trained["config"]).model.name
+    assert summary == {**summary, **{k: v for k, v in vars(result).items()}}
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run)
+    assert tok.pad_token is not None and tok.eos_token == "<|endoftext|>"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000008", "step-00000016"]
+
+
+def test_adapter_reloads_to_identical_logits(trained, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        in_memory = trained["model"].eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        base_logits = base(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(base, str(trained["run"])).eval()(input_ids=ids).logits
+    assert (in_memory - base_logits).abs().max() > 1e-3  # training moved the model: the check below can fail
+    torch.testing.assert_close(reloaded, in_memory, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_model, monkeypatch):
+    # LoRA dropout draws random numbers every step, so this fails unless the RNG state is restored too.
+    sections = dict(lora={"dropout": 0.1},
+                    train={"max_steps": 12, "learning_rate": 1e-2, "eval_every": 2, "save_every": 4,
+                           "keep_best": True, "keep_checkpoints": 2})
+    straight = train(load_config(write_config(tmp_path / "a", tiny_model, **sections)))
+    run_a = tmp_path / "a" / "run"
+
+    config_b = write_config(tmp_path / "b", tiny_model, **sections)
+    run_b = tmp_path / "b" / "run"
+    with monkeypatch.context() as mp:
+        sigint_at(mp, 5)  # between two checkpoints and two evaluations
+        stopped = train(load_config(config_b))
+    assert stopped.stopped == "interrupted" and stopped.steps == 5
+    assert (run_b / "checkpoints" / "step-00000005").is_dir()
+    assert not (run_b / "adapter_model.safetensors").exists()  # an interrupted run ships no adapter
+    resumed = train(load_config(config_b), resume=True)
+
+    assert resumed.steps == straight.steps == 12 and resumed.stopped == "finished"
+    assert resumed.best_step == straight.best_step and resumed.best_eval_loss == pytest.approx(straight.best_eval_loss)
+    final_a = tensors(run_a / "checkpoints" / "step-00000012" / "trainable.safetensors")
+    assert_same_tensors(final_a, tensors(run_b / "checkpoints" / "step-00000012" / "trainable.safetensors"))
+    assert_same_tensors(tensors(run_a / "adapter_model.safetensors"), tensors(run_b / "adapter_model.safetensors"))
+    assert_same_tensors(tensors(run_a / "best" / "adapter_model.safetensors"),
+                        tensors(run_b / "best" / "adapter_model.safetensors"))
+    # keep_best: the shipped adapter is the best one, byte for byte.
+    shipped = (run_b / "adapter_model.safetensors").read_bytes()
+    assert shipped == (run_b / "best" / "adapter_model.safetensors").read_bytes()
+
+    # The metrics log reads as one run: no duplicated or missing steps, the same losses.
+    for kind, key in (("train", "loss"), ("eval", "eval_loss")):
+        a, b = metrics(run_a, kind), metrics(run_b, kind)
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-6)
+
+
+def test_resume_takes_the_newest_valid_checkpoint(tmp_path, tiny_model, capsys):
+    config = write_config(tmp_path, tiny_model, train={"max_steps": 6, "eval_every": 2, "save_every": 2,
+                                                       "keep_best": False, "keep_checkpoints": 3})
+    train(load_config(config))
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    shipped = tensors(run / "adapter_model.safetensors")
+
+    # A torn write: a complete-looking copy in a temp folder, as a SIGKILL before the rename leaves it.
+    torn = ckpts / ".tmp-step-00000008-4242"
+    shutil.copytree(ckpts / "step-00000006", torn)
+    # One flipped byte in the newest checkpoint: its manifest no longer matches.
+    weights = ckpts / "step-00000006" / "trainable.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    capsys.readouterr()
+
+    again = train(load_config(config, ["train.resume=auto"]))  # resume through the config, no flag
+    err = unwrapped(capsys.readouterr().err)
+    assert "step-00000006 is incomplete or corrupted" in err
+    assert "resuming from" in err and "step-00000004 (step 4 of 6)" in err
+    assert again.steps == 6 and again.stopped == "finished"
+    assert_same_tensors(tensors(run / "adapter_model.safetensors"), shipped)
+    assert train_mod.valid_checkpoint(ckpts / "step-00000006")  # rewritten whole
+    assert not torn.exists()  # the next checkpoint write cleans up what a killed one left
+
+
+def test_a_corrupt_checkpoint_never_displaces_a_good_one(tmp_path, tiny_model, monkeypatch):
+    config = write_config(tmp_path, tiny_model, train={"max_steps": 6, "eval_every": 0, "save_every": 2,
+                                                       "keep_best": False, "keep_checkpoints": 1})
+    train(load_config(config))
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "step-00000006" / "trainable.safetensors").write_bytes(b"torn")
+    with monkeypatch.context() as mp:
+        sigint_at(mp, 3)
+        stopped = train(load_config(config), resume=True)  # nothing usable: starts over, stops at step 3
+    assert stopped.steps == 3
+    # The fresh checkpoint is the one kept; the corrupt one, from a timeline we abandoned, is gone.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000003"]
+    assert train_mod.latest_checkpoint(tmp_path / "run") == ckpts / "step-00000003"
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, tiny_model):
+    sections = dict(train={"max_steps": 6, "eval_every": 0, "save_every": 2, "keep_best": False})
+    config = write_config(tmp_path, tiny_model, **sections)
+    run = tmp_path / "run"
+    # The child hangs in the middle of writing checkpoint 4 (files written, manifest not yet), as a slow
+    # disk would; we kill it there.
+    writing = tmp_path / "writing"
+    hang = tmp_path / "hang_in_checkpoint.py"
+    hang.write_text(
+        "import sys, time, pathlib\n"
+        "import phi2sum.train as t\n"
+        "real = t._sha256\n"
+        "def slow(path):\n"
+        "    if '.tmp-step-00000004' in str(path):\n"
+        f"        pathlib.Path({str(writing)!r}).touch()\n"
+        "        time.sleep(300)\n"
+        "    return real(path)\n"
+        "t._sha256 = slow\n"
+        "from phi2sum.cli import main\n"
+        "main()\n")
+    env = os.environ | ONE_THREAD | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "child.log"
+    with open(log, "w") as out:
+        child = subprocess.Popen([sys.executable, str(hang), "train", "--config", str(config)], cwd=tmp_path,
+                                 env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not writing.exists():
+            assert child.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the child never reached checkpoint 4"
+            time.sleep(0.05)
+        torn = list((run / "checkpoints").glob(".tmp-step-00000004-*"))
+        assert len(torn) == 1 and (torn[0] / "trainable.safetensors").is_file()
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert not (run / "checkpoints" / "step-00000004").exists()
+    assert train_mod.latest_checkpoint(run) == run / "checkpoints" / "step-00000002"
+
+    resumed = runner.invoke(app, ["train", "--config", str(config), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "step-00000002 (step 2 of 6)" in unwrapped(resumed.output)
+    straight = train(load_config(write_config(tmp_path / "straight", tiny_model, **sections)))
+    assert straight.steps == 6
+    assert_same_tensors(tensors(run / "adapter_model.safetensors"),
+                        tensors(tmp_path / "straight" / "run" / "adapter_model.safetensors"))
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model):
+    # 8 training rows: every step sees all of them, as one batch of 8 or as two micro-batches of 4.
+    # The loss is normalised by the step's summary tokens, so loss, gradient norm and update agree.
+    runs = {}
+    for batch_size, grad_accum in ((8, 1), (4, 2)):
+        tmp = tmp_path / f"b{batch_size}"
+        config = write_config(tmp, tiny_model, data={"max_rows": {"train": 8, "validation": 8}},
+                              train={"batch_size": batch_size, "grad_accum": grad_accum, "max_steps": 3,
+                                     "group_by_length": False, "eval_every": 0, "keep_best": False})
+        result = train(load_config(config))
+        assert result.steps == 3
+        runs[batch_size] = tmp / "run"
+    rows = json.loads((runs[8] / "prepare_report.json").read_text())["splits"]["train"]["rows_kept"]
+    assert 4 < rows <= 8
+    big, small = metrics(runs[8], "train"), metrics(runs[4], "train")
+    assert [r["loss"] for r in small] == pytest.approx([r["loss"] for r in big], rel=1e-5)
+    assert [r["grad_norm"] for r in small] == pytest.approx([r["grad_norm"] for r in big], rel=1e-4)
+    assert_same_tensors(tensors(runs[4] / "adapter_model.safetensors"), tensors(runs[8] / "adapter_model.safetensors"),
+                        atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Failures and the CLI
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_model, monkeypatch):
+    config = write_config(tmp_path, tiny_model, train={"max_steps": 8, "save_every": 2, "eval_every": 0,
+                                                       "keep_best": False, "max_bad_steps": 3})
+    real_forward = train_mod.SummaryLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        loss = real_forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 8:  # 4 good steps of 2 micro-batches, then the loss blows up for good
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_mod.SummaryLoss, "forward", forward)
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "--debug" not in result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1, result.output
+    assert "NaN/inf for 3 steps" in lines[0] and "step 5" in lines[0]
+    assert f"Last good checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step-00000004'}" in lines[0]
+    assert result.output.count("skipping the update") == 3
+
+
+def test_cli_trains_and_prints_the_table(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_model, train={"max_steps": 2, "eval_every": 0, "save_every": 2})
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "error:" not in result.output and "Traceback" not in result.output
+    for needle in ("2/2 (finished)", "train loss", "best validation loss", "real tokens", "tokens/s",
+                   "n/a (CPU)", "cpu, fp32, 1 process(es)"):
+        assert needle in result.output
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_existing_run_needs_overwrite_or_resume_and_the_same_setup(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_model, train={"max_steps": 2, "eval_every": 0, "save_every": 2})
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--config", str(config)]).exit_code == 0
+    first = (run / "adapter_model.safetensors").read_bytes()
+
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and "already holds a run" in lines[0]
+    assert "--resume" in lines[0] and "--overwrite" in lines[0]
+    assert (run / "adapter_model.safetensors").read_bytes() == first  # untouched
+
+    for change, section in (("lora.r=4", "lora"), ("data.max_length=300", "data"),
+                            ("model.attn_implementation=eager", "model")):
+        result = runner.invoke(app, ["train", "--config", str(config), "--resume", "--set", change])
+        assert result.exit_code == 2, result.output
+        lines = error_lines(result.output)
+        assert len(lines) == 1 and f"the {section} settings differ" in lines[0], result.output
+
+    (run / "stale.txt").write_text("from the old run")
+    result = runner.invoke(app, ["train", "--config", str(config), "--overwrite", "--set", "train.learning_rate=1e-2"])
+    assert result.exit_code == 0, result.output
+    assert not (run / "stale.txt").exists()
+    assert (run / "adapter_model.safetensors").read_bytes() != first
+    assert load_config(run / "config.yaml").train.learning_rate == 1e-2
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    config = write_config(tmp_path, tiny_model, train={"output_dir": str(mine), "max_steps": 2})
+    with pytest.raises(ConfigError, match="not a phi2sum run"):
+        train(load_config(config), overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
