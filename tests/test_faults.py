@@ -19,28 +19,18 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_config_dict
+from conftest import ONE_THREAD, tiny_config_dict
 from phi2sum import train as train_mod
 from phi2sum.cli import app
 from phi2sum.config import load_config
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")
 # LoRA dropout on, so a resume that lost the RNG state would drift; eval and keep_best on, so the
 # resumed run must also agree about the best step.
 SECTIONS = dict(lora={"dropout": 0.1},
                 train={"max_steps": 20, "learning_rate": 1e-2, "eval_every": 2, "save_every": 2,
                        "keep_best": True, "keep_checkpoints": 2})
-# One intra-op thread here and in the children: on a busy 2-core machine more threads make each step
-# ~10x slower, and the same thread count everywhere keeps the float sums in the same order.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_config(tmp: Path, model_dir: Path) -> Path:

@@ -19,24 +19,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import ROOT, tiny_config_dict
+from conftest import ONE_THREAD, ROOT, tiny_config_dict
 from phi2sum import train as train_mod
 from phi2sum.cli import app
 from phi2sum.config import ConfigError, load_config
 from phi2sum.train import epoch_batches, lr_at, train
 
 runner = CliRunner()
-# One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine two threads
-# per process make every step 10x slower. Subprocesses get the same through the environment.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_config(tmp: Path, model_dir: Path, **sections) -> Path:
