@@ -62,9 +62,9 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     check_adapter(adapter)
     hw = modeling.pick_hardware(cfg.train.model_copy(update={"precision": "auto"}))
     path = modeling.base_path(cfg.model)
-    tokenizer = modeling.load_tokenizer(cfg.model, path)
-    if adapter and Path(adapter, "tokenizer_config.json").is_file():
-        tokenizer = modeling.fix_tokenizer(type(tokenizer).from_pretrained(adapter))
+    # The run saved the tokenizer it trained with (chat template, added tokens): prefer it to the base's.
+    own = adapter and Path(adapter, "tokenizer_config.json").is_file()
+    tokenizer = modeling.load_tokenizer(cfg.model, adapter if own else path)
     quantize = hw.device.type == "cuda" and cfg.model.quantization != "none"
     model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
     if adapter:
