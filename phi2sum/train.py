@@ -426,6 +426,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bad_steps = 0
+    batches_epoch = None
     stopped = "finished"
     last_loss = None
     loss_model.train()
@@ -436,7 +437,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
         task = bar.add_task("train", total=total_steps, completed=step, stats="") if bar else None
         while step < total_steps:
             epoch, within = divmod(step, steps_per_epoch)
-            batches = epoch_batches(lengths, t.batch_size, t.seed, epoch, t.group_by_length)
+            if epoch != batches_epoch:  # the order is a function of the epoch: build it once per epoch
+                batches = epoch_batches(lengths, t.batch_size, t.seed, epoch, t.group_by_length)
+                batches_epoch = epoch
             group = batches[within * micro_per_step : (within + 1) * micro_per_step]
             mine = group[accelerator.process_index :: world]
             micro = [collate([train_rows[i] for i in b], pad_id) for b in mine]
