@@ -6,7 +6,6 @@ usage) or 1 (runtime failure); `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -52,19 +51,6 @@ def _run(debug: bool, fn, *args, **kwargs):
         raise typer.Exit(1) from None
 
 
-def _adapter_base(adapter: str) -> Optional[str]:
-    """base_model_name_or_path from an adapter's adapter_config.json (local folder or hub repo)."""
-    path = Path(adapter) / "adapter_config.json"
-    try:
-        if not path.is_file() and not Path(adapter).exists() and adapter.count("/") == 1:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(adapter, "adapter_config.json"))
-        return json.loads(path.read_text()).get("base_model_name_or_path")
-    except Exception:  # no readable adapter config: loading the adapter later says what is wrong
-        return None
-
-
 def _config(config: Optional[Path], overrides: Optional[list[str]], debug: bool,
             adapter: Optional[str | Path] = None) -> RunConfig:
     """Verbs that read a run take the run's saved config as the base, unless --config names another;
@@ -74,7 +60,9 @@ def _config(config: Optional[Path], overrides: Optional[list[str]], debug: bool,
         if (Path(adapter) / "config.yaml").is_file():
             config = Path(adapter) / "config.yaml"
         elif not any(o.startswith("model.name=") for o in overrides):
-            base = _adapter_base(str(adapter))
+            from .modeling import read_adapter_base
+
+            base = read_adapter_base(str(adapter))
             if base:
                 overrides.insert(0, f"model.name={base}")
     return _run(debug, load_config, config, overrides)

@@ -234,10 +234,17 @@ def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
 
 
 def read_adapter_base(adapter: str) -> str | None:
-    p = Path(adapter) / "adapter_config.json"
-    if p.is_file():
-        return json.loads(p.read_text()).get("base_model_name_or_path")
-    return None
+    """base_model_name_or_path from an adapter's adapter_config.json (local folder or hub repo id);
+    None when it cannot be read: loading the adapter later says what is wrong."""
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        if not path.is_file() and not Path(adapter).exists() and adapter.count("/") == 1:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(adapter, "adapter_config.json"))
+        return json.loads(path.read_text()).get("base_model_name_or_path")
+    except Exception:  # missing file, no network, not JSON: all "unknown"
+        return None
 
 
 def load_adapter(model, adapter: str):
