@@ -6,6 +6,7 @@ here, by the docstring under it; `phi2sum <verb> --dry-run` prints the resolved 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -329,7 +330,16 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def save_config(cfg: RunConfig, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg), encoding="utf-8")
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside the target, then rename: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    write_text_atomic(path, to_yaml(cfg))

@@ -21,7 +21,8 @@ import torch
 
 from . import data as data_mod
 from . import modeling
-from .config import ConfigError, GenerationConfig, Phi2sumError, RunConfig
+from .config import (ConfigError, GenerationConfig, Phi2sumError, RunConfig, write_jsonl_atomic,
+                     write_text_atomic)
 from .console import progress, warn
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -223,14 +224,6 @@ def score_model(name: str, gens: list[Generated], references: list[list[str]], c
 # The eval verb
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: Path) -> dict:
     check_adapter(adapter)  # before the test split is read (or downloaded)
     rows = data_mod.load_split(cfg.data, cfg.data.test_split, merge_duplicates=True)
@@ -267,7 +260,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
             metrics["models"][name] = score_model(adapter if use_adapter else cfg.model.name, gens, references,
                                                   cfg, seconds)
             suffix = "" if name != "base" or not adapter else "_base"
-            _write_jsonl(out_dir / f"predictions{suffix}.jsonl", [
+            write_jsonl_atomic(out_dir / f"predictions{suffix}.jsonl", [
                 {"id": i, "dialogue": d, "references": r, "prediction": g.text, "raw_output": g.raw,
                  "new_tokens": g.new_tokens, "hit_max_new_tokens": g.hit_max, "run_on": g.run_on}
                 for i, d, r, g in zip(ids, dialogues, references, gens)])
@@ -275,9 +268,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
     if total_truncated:
         warn(f"{total_truncated} dialogues were shortened to generation.max_input_tokens "
              f"({cfg.generation.max_input_tokens})")
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out_dir / "metrics.json")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import evaluate
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, write_jsonl_atomic
 from .console import warn
 
 SPEAKER = re.compile(r"^\s*([^:\n]{1,40}?)\s*:\s*(.*)$")
@@ -105,7 +105,5 @@ def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None
                  "its end was cut before summarizing")
         results.append({"source": source, "summary": restore_names(g.text, names)})
     if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-        tmp.replace(out)
+        write_jsonl_atomic(out, results)
     return results

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import data as data_mod
 from . import modeling
-from .config import ConfigError, Phi2sumError, RunConfig, check_hardware, save_config
+from .config import ConfigError, Phi2sumError, RunConfig, check_hardware, save_config, write_text_atomic
 from .console import info, progress, warn
 
 CKPT_PREFIX = "step-"
@@ -393,8 +393,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
         metrics = run / "metrics.jsonl"
         if metrics.exists():  # drop lines logged after the checkpoint we resumed from
             keep = [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
-            metrics.write_text("".join(k + "\n" for k in keep))
-        (run / "prepare_report.json").write_text(json.dumps(prepared.report, indent=2))
+            write_text_atomic(metrics, "".join(k + "\n" for k in keep))  # a kill here must not lose the log
+        write_text_atomic(run / "prepare_report.json", json.dumps(prepared.report, indent=2))
         info(f"model: {path} | {hw.name} {mixed if mixed != 'no' else 'fp32'} | "
              f"{cfg.model.quantization if quantized else 'no quantization'} | trainable {n_trainable / 1e6:.2f}M "
              f"| {total_steps} steps x {t.batch_size * micro_per_step} rows")
@@ -542,8 +542,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
                 for f in (run / "last").iterdir():
                     os.replace(f, run / f.name)
                 shutil.rmtree(run / "last", ignore_errors=True)
-        (run / "summary.json").write_text(json.dumps(asdict(result) | {"trainable_parameters": n_trainable,
-                                                                       "base_model": path}, indent=2))
+        summary = asdict(result) | {"trainable_parameters": n_trainable, "base_model": path}
+        write_text_atomic(run / "summary.json", json.dumps(summary, indent=2))
         if (run / "metrics.jsonl").exists():
             plot_losses(run)
     accelerator.wait_for_everyone()
