@@ -156,7 +156,8 @@ class TrainConfig(_Section):
     resume: Literal["auto", "never"] = "never"
     """`auto`: continue from the newest valid checkpoint in output_dir when there is one."""
     compile: bool = False
-    """torch.compile the model (CUDA): faster steps after a slow first one."""
+    """torch.compile the transformer blocks (CUDA only; dynamic shapes, so varying lengths do not
+    recompile): fewer, fused kernels after a slow first step."""
 
 
 class GenerationConfig(_Section):
@@ -177,7 +178,13 @@ class GenerationConfig(_Section):
     length_penalty: float = 1.0
     """Beam search length penalty (>1 favours longer summaries)."""
     batch_size: int = Field(32, ge=1)
-    """Dialogues generated together."""
+    """Most dialogues generated together."""
+    batch_tokens: int = Field(0, ge=0)
+    """Also cap each batch at this many tokens of KV cache, counted as rows x (longest prompt +
+    max_new_tokens); long dialogues then go in smaller batches, short ones in larger (0 = no cap)."""
+    cache: Literal["dynamic", "static"] = "dynamic"
+    """KV cache: `dynamic` grows per token; `static` is allocated once per batch (transformers may then
+    compile the decoding step: slow first batch, faster after)."""
     max_input_tokens: int = Field(896, ge=16)
     """Longer dialogues are shortened (with a warning) to fit this many prompt tokens."""
 

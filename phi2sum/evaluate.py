@@ -42,6 +42,11 @@ class Loaded:
     stop_ids: list
     adapter: str | None
     hardware: modeling.Hardware
+    full: bool = False  # the run is a full fine-tune: no adapter to switch off for the base pass
+
+    def _with_stops(self) -> "Loaded":
+        self.stop_ids = data_mod.stop_ids(self.tokenizer, self.fmt)
+        return self
 
 
 def check_adapter(adapter: str | None) -> None:
@@ -50,9 +55,9 @@ def check_adapter(adapter: str | None) -> None:
         return
     local = Path(adapter)
     if local.exists():
-        if not (local / "adapter_config.json").is_file():
-            raise ConfigError(f"{adapter} is not an adapter or run directory (no adapter_config.json); "
-                              "pass the output_dir of `phi2sum train`")
+        if not (local / "adapter_config.json").is_file() and not modeling.is_full_model(local):
+            raise ConfigError(f"{adapter} is not an adapter or run directory (no adapter_config.json or "
+                              "config.json); pass the output_dir of `phi2sum train`")
     elif adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
         raise ConfigError(f"--adapter {adapter}: no such directory, and not a hub id (user/name)")
 
@@ -67,6 +72,9 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     own = adapter and Path(adapter, "tokenizer_config.json").is_file()
     tokenizer = modeling.load_tokenizer(cfg.model, adapter if own else path)
     quantize = hw.device.type == "cuda" and cfg.model.quantization != "none"
+    if adapter and modeling.is_full_model(Path(adapter)):  # a full fine-tune: the run holds the whole model
+        return Loaded(modeling.load_base(cfg.model, hw, adapter, quantize=quantize).eval(), tokenizer,
+                      data_mod.resolve_format(cfg.data, tokenizer), [], adapter, hw, full=True)._with_stops()
     model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
     if adapter:
         try:
@@ -104,6 +112,20 @@ def clean_summary(raw: str) -> tuple[str, bool]:
     return raw.strip(), bool(m)
 
 
+def plan_batches(lengths: list[int], order: list[int], gen: GenerationConfig) -> list[list[int]]:
+    """Split prompts (sorted longest first) into batches of at most gen.batch_size rows and, with
+    gen.batch_tokens, at most that many cache tokens (rows x (first row's length + max_new_tokens)):
+    the few long dialogues then do not make every row of a big batch carry their padding."""
+    batches, start = [], 0
+    while start < len(order):
+        rows = gen.batch_size
+        if gen.batch_tokens:
+            rows = max(1, min(rows, gen.batch_tokens // (lengths[start] + gen.max_new_tokens)))
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
 def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: GenerationConfig,
              on_batch=None) -> list[Generated]:
     tok, model = loaded.tokenizer, loaded.model
@@ -121,8 +143,9 @@ def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: Genera
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    for start in range(0, len(order), gen.batch_size):
-        idx = order[start : start + gen.batch_size]
+    if gen.cache == "static":
+        kwargs["cache_implementation"] = "static"
+    for idx in plan_batches([len(prompts[i][0]) for i in order], order, gen):
         width = max(len(prompts[i][0]) for i in idx)
         # Left padding: every prompt ends at the same column, so new tokens line up across the batch.
         input_ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
@@ -244,6 +267,10 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress() as bar:
         for name, use_adapter in runs:
+            if loaded.full and not use_adapter:  # the base is another set of weights: swap it in
+                loaded.model = None
+                loaded.model = modeling.load_base(cfg.model, loaded.hardware, quantize=(
+                    loaded.hardware.device.type == "cuda" and cfg.model.quantization != "none")).eval()
             task = bar.add_task(f"generate ({name})", total=n, stats="")
             started = time.perf_counter()
 
@@ -251,7 +278,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
                 done = bar.tasks[task].completed + k
                 bar.update(task, advance=k, stats=f"{done / (time.perf_counter() - started):.1f} dialogues/s")
 
-            if use_adapter or not adapter:
+            if use_adapter or not adapter or loaded.full:
                 gens = generate(loaded, dialogues, cfg.data.instruction, cfg.generation, advance)
             else:
                 with loaded.model.disable_adapter():

@@ -25,7 +25,8 @@ from .config import ConfigError, ModelConfig, Phi2sumError, RunConfig
 # folders and whatever else a user left in the run never leave the machine.
 SHIP = ("adapter_config.json", "adapter_model.*", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
         "chat_template.*", "vocab.*", "merges.txt", "config.yaml", "summary.json", "metrics.jsonl", "loss.png",
-        "prepare_report.json")
+        "prepare_report.json", "config.json", "generation_config.json", "model.safetensors",
+        "model-*.safetensors", "model.safetensors.index.json")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 DIALOGSUM = "knkarthick/dialogsum"
 CITATION = """@inproceedings{chen-etal-2021-dialogsum,
@@ -47,8 +48,8 @@ def _eval_metrics(run_dir: Path, cfg: RunConfig) -> Path:
     return (Path(cfg.eval.output_dir) if cfg.eval.output_dir else run_dir / "eval") / "metrics.json"
 
 
-def check_run_dir(run_dir: Path) -> None:
-    if (run_dir / "adapter_config.json").is_file():
+def check_run_dir(run_dir: Path, full_ok: bool = False) -> None:
+    if (run_dir / "adapter_config.json").is_file() or (full_ok and modeling.is_full_model(run_dir)):
         return
     if (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} holds a full fine-tune, not a LoRA adapter; it is already a standalone "
@@ -136,13 +137,16 @@ def _usage(cfg: RunConfig, run_dir: Path, repo_id: str | None, base: str | None)
     marker = "\x00DIALOGUE\x00"
     before, after = data.build_prompt(tok, marker, fmt, cfg.data.instruction).split(marker)
     repo = repo_id or "<user>/<repo>"
-    lines = ["```python",
-             "from peft import PeftModel",
-             "from transformers import AutoModelForCausalLM, AutoTokenizer",
-             "",
+    full = modeling.is_full_model(run_dir)
+    load = ([f"model = AutoModelForCausalLM.from_pretrained({_py_str(repo)}, dtype=\"auto\")"] if full else
+            ["from peft import PeftModel",
              f"base = AutoModelForCausalLM.from_pretrained({_py_str(base or '<the base model>')}, dtype=\"auto\""
              + (f", gguf_file={_py_str(cfg.model.gguf_file)}" if cfg.model.gguf_file else "") + ")",
-             f"model = PeftModel.from_pretrained(base, {_py_str(repo)})",
+             f"model = PeftModel.from_pretrained(base, {_py_str(repo)})"])
+    lines = ["```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "",
+             *load,
              f"tok = AutoTokenizer.from_pretrained({_py_str(repo)})",
              "",
              'dialogue = "#Person1#: Are you coming tonight?\\n#Person2#: Yes, I\'ll be there at eight."',
@@ -152,10 +156,11 @@ def _usage(cfg: RunConfig, run_dir: Path, repo_id: str | None, base: str | None)
              f"eos_token_id=tok.convert_tokens_to_ids({_py_str(stop)}))",
              'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
              "```"]
-    note = "" if base else (f"\nTraining loaded the base model from `{cfg.model.name}`, which is not a Hub id, so "
+    note = "" if base or full else (f"\nTraining loaded the base model from `{cfg.model.name}`, which is not a Hub id, so "
                             "this card names no `base_model`; load the same weights before applying the adapter.\n")
     return (f"Prompt format `{fmt}`; a summary ends with the stop token `{stop}`. With the `phi2sum` CLI: "
-            f"`phi2sum summarize dialogue.txt --adapter {repo}`. With transformers + PEFT:\n\n"
+            f"`phi2sum summarize dialogue.txt --adapter {repo}`. With transformers"
+            + ("" if full else " + PEFT") + ":\n\n"
             + "\n".join(lines) + "\n" + note)
 
 
@@ -164,19 +169,21 @@ def model_card(run_dir: Path, cfg: RunConfig, repo_id: str | None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     base = hub_model_id(cfg.model)
-    meta = ModelCardData(base_model=base, library_name="peft", license=cfg.push.license, language=["en"],
+    full = modeling.is_full_model(run_dir)
+    meta = ModelCardData(base_model=base, library_name="transformers" if full else "peft", license=cfg.push.license, language=["en"],
                          datasets=[_hub_dataset_id(cfg.data.source)], metrics=["rouge"],
-                         pipeline_tag="text-generation", tags=["peft", "lora", "summarization", "dialogsum", "phi2sum"])
+                         pipeline_tag="text-generation", tags=(["full-fine-tune"] if full else ["peft", "lora"]) + ["summarization", "dialogsum", "phi2sum"])
     title = repo_id.split("/")[1] if repo_id else run_dir.name
-    body = (f"# {title}\n\nA LoRA adapter that turns `{cfg.model.name}` into a dialogue summarizer, fine-tuned on "
-            "DialogSum with phi2sum (LoRA/QLoRA, loss on summary tokens only).\n\n"
+    what = ("A full fine-tune of" if full else "A LoRA adapter that turns") + f" `{cfg.model.name}`"
+    body = (f"# {title}\n\n{what} into a dialogue summarizer, fine-tuned on DialogSum with phi2sum "
+            f"({'all weights' if full else 'LoRA/QLoRA'}, loss on summary tokens only).\n\n"
             f"## Results\n\n{_results(_read_json(_eval_metrics(run_dir, cfg)))}\n"
             f"## Training\n\n{_training(cfg, _read_json(run_dir / 'summary.json'))}\n"
             "`config.yaml` holds the full resolved config, `metrics.jsonl` the loss log, `loss.png` the curves.\n\n"
             f"## Usage\n\n{_usage(cfg, run_dir, repo_id, base)}\n"
             "## Data and license\n\nTrained on DialogSum (Chen et al., 2021, *DialogSum: A Real-Life Scenario "
             "Dialogue Summarization Dataset*, Findings of ACL-IJCNLP 2021; https://github.com/cylnlp/dialogsum), "
-            f"released under CC BY-NC-SA 4.0. This adapter is shared under `{cfg.push.license}`; the base model "
+            f"released under CC BY-NC-SA 4.0. This {'model' if full else 'adapter'} is shared under `{cfg.push.license}`; the base model "
             f"keeps its own license.\n\n```bibtex\n{CITATION}\n```\n")
     return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n{body}").content
 
@@ -255,7 +262,7 @@ def push(run_dir: Path, cfg: RunConfig, repo_id: str | None, private: bool, revi
     """Upload adapter, tokenizer, config, metrics and a model card to `repo_id` (created if missing).
     With `dry_run_dir`, only build that folder: no token, no network."""
     run_dir = Path(run_dir)
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, full_ok=True)
     if repo_id is not None and not REPO_ID.fullmatch(repo_id):
         raise ConfigError(f"repo id {repo_id!r} is not of the form user/name (letters, digits, - _ .); "
                           "e.g. --repo you/phi2-dialogsum")
@@ -292,7 +299,7 @@ def merge(run_dir: Path, cfg: RunConfig, out: Path, dtype: str) -> Path:
     import torch
 
     run_dir, out = Path(run_dir), Path(out)
-    check_run_dir(run_dir)
+    check_run_dir(run_dir)  # a full fine-tune has nothing to merge
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not empty; pick a new folder")
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

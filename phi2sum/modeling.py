@@ -233,6 +233,11 @@ def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
     return model
 
 
+def is_full_model(run: Path) -> bool:
+    """A run of a full fine-tune (lora.enabled: false) holds a whole model instead of an adapter."""
+    return (run / "config.json").is_file() and not (run / "adapter_config.json").is_file()
+
+
 def read_adapter_base(adapter: str) -> str | None:
     """base_model_name_or_path from an adapter's adapter_config.json (local folder or hub repo id);
     None when it cannot be read: loading the adapter later says what is wrong."""

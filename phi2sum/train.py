@@ -362,6 +362,14 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     hw_model = modeling.Hardware(accelerator.device, hw.dtype, hw.name)
     model = modeling.load_base(cfg.model, hw_model, path, quantize=quantized)
     model = modeling.add_lora(model, cfg.lora, t, quantized)
+    if t.compile:
+        if accelerator.device.type == "cuda":
+            # In place (nn.Module.compile): parameter names, checkpoints and the saved adapter stay as
+            # they are. dynamic=True: one graph for every sequence length instead of one per length.
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            inner.base_model.compile(dynamic=True)
+        elif main:
+            warn("train.compile is for CUDA GPUs; running uncompiled on the CPU")
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = make_optimizer(trainable, t, accelerator.device.type)

@@ -416,3 +416,51 @@ def test_eval_adapter_for_another_base_is_one_clear_error(trained, tiny_model, w
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_token_budget_puts_long_prompts_in_smaller_batches(random_lm):
+    """batch_tokens caps rows x (longest prompt + max_new_tokens); results do not depend on the split."""
+    gen = GenerationConfig(max_new_tokens=4, batch_size=8)
+    lengths = [100, 90, 40, 30, 30, 20, 10]
+    order = list(range(len(lengths)))
+    assert evaluate.plan_batches(lengths, order, gen) == [order]
+    capped = gen.model_copy(update={"batch_tokens": 208})
+    # 208 // 104 = 2 rows of the longest; then 208 // 44 = 4 rows; the last one alone
+    assert evaluate.plan_batches(lengths, order, capped) == [[0, 1], [2, 3, 4, 5], [6]]
+    one = gen.model_copy(update={"batch_tokens": 1})  # never less than one row
+    assert evaluate.plan_batches(lengths, order, one) == [[i] for i in order]
+    budget = GenerationConfig(max_new_tokens=10, batch_size=4, batch_tokens=150)
+    plain = GenerationConfig(max_new_tokens=10, batch_size=4)
+    a = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, budget)
+    b = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, plain)
+    assert [g.raw for g in a] == [g.raw for g in b]
+
+
+def test_full_fine_tune_run_evaluates_against_its_base_and_stages_for_the_hub(tiny_model, tmp_path):
+    """lora.enabled: false trains every weight; the run holds a whole model that eval, summarize and push
+    load as they load an adapter, and --compare base scores the original weights."""
+    from phi2sum import hub
+    from phi2sum.train import train
+
+    cfg = config(tiny_model, tmp_path, lora={"enabled": False}, train={"max_steps": 3, "learning_rate": 1e-3})
+    train(cfg)
+    run = tmp_path / "run"
+    assert modeling.is_full_model(run) and not (run / "adapter_config.json").exists()
+    out = tmp_path / "scores"
+    result = runner.invoke(app, ["eval", "--adapter", str(run), "--limit", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"fine-tuned", "base"}
+    base_direct = evaluate.generate(evaluate.load_for_inference(cfg, None),
+                                    [r["dialogue"] for r in read_jsonl(out / "predictions_base.jsonl")],
+                                    INSTRUCTION, cfg.generation)
+    assert [g.text for g in base_direct] == [r["prediction"] for r in read_jsonl(out / "predictions_base.jsonl")]
+    tuned = evaluate.load_for_inference(cfg, str(run))
+    assert tuned.full and not hasattr(tuned.model, "disable_adapter")
+    files = dict(hub.stage(run, cfg, "me/full", (tmp_path / "stage").mkdir() or tmp_path / "stage"))
+    assert "model.safetensors" in files and "config.json" in files and "adapter_config.json" not in files
+    card = (tmp_path / "stage" / "README.md").read_text()
+    assert "library_name: transformers" in card and "PeftModel" not in card
+    assert 'AutoModelForCausalLM.from_pretrained("me/full"' in card
+    result = runner.invoke(app, ["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 2 and "full fine-tune" in result.output
