@@ -148,12 +148,14 @@ def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: i
     return row
 
 
-def generation(model_dir: Path, data: Path, quant: str, batch: int, n: int = 500, new_tokens: int = 64) -> dict:
+def generation(model_dir: Path, data: Path, quant: str, batch: int, budget: int = 0, cache: str = "dynamic",
+               n: int = 500, new_tokens: int = 64) -> dict:
     from phi2sum import evaluate
     from phi2sum.config import load_config
 
     cfg = load_config(None, [f"model.name={model_dir}", f"model.quantization={quant}", "data.prompt_format=plain",
-                             f"generation.batch_size={batch}", f"generation.max_new_tokens={new_tokens}"])
+                             f"generation.batch_size={batch}", f"generation.max_new_tokens={new_tokens}",
+                             f"generation.batch_tokens={budget}", f"generation.cache={cache}"])
     loaded = evaluate.load_for_inference(cfg, None)
     loaded.stop_ids = [-1]  # random weights: force exactly new_tokens per dialogue, as the goal specifies
     dialogues = [r["dialogue"] for r in rows(data, "test")[:n]]
@@ -163,7 +165,8 @@ def generation(model_dir: Path, data: Path, quant: str, batch: int, n: int = 500
     gens = evaluate.generate(loaded, dialogues, cfg.data.instruction, cfg.generation)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    result = {"name": f"generate {n} test dialogues, {quant}, batch {batch}, {new_tokens} new tokens",
+    result = {"name": f"generate {n} test dialogues, {quant}, batch {batch}"
+                      + (f" / {budget:,} cache tokens" if budget else "") + f", {cache} cache, {new_tokens} new tokens",
               "seconds": seconds, "dialogues_per_second": n / seconds,
               "mean_new_tokens": sum(g.new_tokens for g in gens) / len(gens),
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
@@ -172,17 +175,66 @@ def generation(model_dir: Path, data: Path, quant: str, batch: int, n: int = 500
     return result
 
 
+def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, overrides: tuple = ()) -> dict:
+    """Where one bf16 LoRA micro-batch's time goes: torch.profiler over 3 forward+backward passes of
+    phi2sum's own loss on real DialogSum rows (after 3 warm-up passes). Prints the top CUDA ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from phi2sum import data as data_mod, modeling
+    from phi2sum.config import load_config
+    from phi2sum.train import SummaryLoss, collate
+
+    cfg = load_config(ROOT / "configs/a100.yaml", [f"model.name={model_dir}", f"data.source={data}",
+                                                    "data.cache_dir=/tmp/bench-cache", *overrides])
+    hw = modeling.pick_hardware(cfg.train)
+    tok = modeling.load_tokenizer(cfg.model, str(model_dir))
+    prepared = data_mod.prepare(cfg.data, tok)
+    ds = prepared.splits["train"]
+    batch = collate([(ds[i]["input_ids"], ds[i]["prompt_length"]) for i in range(rows_per_batch)], tok.pad_token_id)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    model = modeling.add_lora(modeling.load_base(cfg.model, hw, str(model_dir), quantize=False), cfg.lora, cfg.train, False)
+    if cfg.train.compile:
+        model.get_base_model().base_model.compile(dynamic=True)
+    loss_model = SummaryLoss(model).train()
+
+    def once():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_model(**batch)
+        loss.backward()
+
+    for _ in range(3):
+        once()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            once()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / 3
+    events = prof.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in events) / 3 / 1e6
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 3
+    print(events.table(sort_by="self_device_time_total", row_limit=18), flush=True)
+    tokens = int(batch["attention_mask"].sum())
+    row = {"name": f"profile: one micro-batch fwd+bwd, {rows_per_batch} rows, {tokens} real tokens, {list(overrides)}",
+           "wall_seconds": wall, "gpu_busy_seconds": cuda_total, "gpu_busy_share": cuda_total / wall,
+           "kernel_launches": kernels, "micro_batch_tokens_per_second": tokens / wall}
+    del model, loss_model
+    cleanup()
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per phi2sum run (32 rows each)")
     ap.add_argument("--seed-steps", type=int, default=30, help="steps of the seed recipe (4 rows each)")
-    ap.add_argument("--only", default="seed,p100,qlora-bf16,bf16,gen")
+    ap.add_argument("--only", default="seed,p100,qlora-bf16,bf16,gen,gen-4bit",
+                    help="comma-separated stages, run in this order (see `stages` in main)")
     args = ap.parse_args()
     import transformers, peft
 
-    only = set(args.only.split(","))
     model_dir = build_model(args.data, Path("/tmp/phi2-shape"))
     results = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "transformers": transformers.__version__, "peft": peft.__version__, "runs": []}
@@ -201,22 +253,37 @@ def main():
         print(json.dumps(row), flush=True)
         (args.out / "phi2_shape.json").write_text(json.dumps(results, indent=2))
 
-    if "p100" in only:
-        record(phi2sum_recipe, "phi2sum p100.yaml (4-bit NF4, fp16, paged AdamW 8-bit, r=32 x6 targets)",
-               "configs/p100.yaml", model_dir, args.data, args.steps, [])
-    if "gen" in only:
-        record(generation, model_dir, args.data, "none", 256)
-        record(generation, model_dir, args.data, "4bit", 64)
-    if "bf16" in only:
-        record(phi2sum_recipe, "phi2sum a100.yaml (bf16 LoRA, batch 16 x 2, no quantization)", "configs/a100.yaml",
-               model_dir, args.data, args.steps, [])
-    if "seed" in only:
-        record(seed_recipe, model_dir, args.data, args.seed_steps)
-    if "qlora-bf16" in only:
-        record(phi2sum_recipe, "phi2sum QLoRA bf16 (4-bit NF4, bf16, batch 16 x 2, no checkpointing)",
-               "configs/p100.yaml", model_dir, args.data, args.steps,
-               ["train.precision=bf16", "train.optimizer=adamw", "train.batch_size=16",
-                "train.grad_accum=2", "train.gradient_checkpointing=false"])
+    a100 = "configs/a100.yaml"
+    qlora = ["train.precision=bf16", "train.optimizer=adamw", "train.batch_size=16", "train.grad_accum=2",
+             "train.gradient_checkpointing=false"]
+    stages = {
+        "p100": (phi2sum_recipe, "phi2sum p100.yaml (4-bit NF4, fp16, paged AdamW 8-bit, r=32 x6 targets)",
+                 "configs/p100.yaml", model_dir, args.data, args.steps, []),
+        "profile": (profile_step, model_dir, args.data, 16),
+        "profile-nodrop": (profile_step, model_dir, args.data, 16, ("lora.dropout=0",)),
+        "profile-compile": (profile_step, model_dir, args.data, 16, ("lora.dropout=0", "train.compile=true")),
+        "gen": (generation, model_dir, args.data, "none", 256),
+        "gen-128": (generation, model_dir, args.data, "none", 128),
+        "gen-budget": (generation, model_dir, args.data, "none", 500, 160_000),
+        "gen-static": (generation, model_dir, args.data, "none", 128, 0, "static"),
+        "gen-4bit": (generation, model_dir, args.data, "4bit", 64),
+        "bf16": (phi2sum_recipe, "phi2sum a100.yaml (bf16 LoRA, batch 16 x 2, no quantization)", a100,
+                 model_dir, args.data, args.steps, []),
+        "bf16-nodrop": (phi2sum_recipe, "a100.yaml, LoRA dropout 0", a100, model_dir, args.data, args.steps,
+                        ["lora.dropout=0"]),
+        "bf16-compile": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, torch.compile", a100, model_dir, args.data,
+                         args.steps, ["lora.dropout=0", "train.compile=true"]),
+        "bf16-32": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, batch 32 x 1", a100, model_dir, args.data,
+                    args.steps, ["lora.dropout=0", "train.batch_size=32", "train.grad_accum=1"]),
+        "seed": (seed_recipe, model_dir, args.data, args.seed_steps),
+        "qlora-bf16": (phi2sum_recipe, "phi2sum QLoRA bf16 (4-bit NF4, bf16, batch 16 x 2, no checkpointing)",
+                       "configs/p100.yaml", model_dir, args.data, args.steps, qlora),
+        "qlora-bf16-nodrop": (phi2sum_recipe, "QLoRA bf16, LoRA dropout 0", "configs/p100.yaml", model_dir, args.data,
+                              args.steps, qlora + ["lora.dropout=0"]),
+    }
+    for name in args.only.split(","):
+        fn, *a = stages[name]
+        record(fn, *a)
     seed = next((r for r in results["runs"] if r["name"].startswith("seed")), None)
     lines = [f"# Phi-2-shape benchmark on {results['card']}", "",
              f"torch {results['torch']}, transformers {results['transformers']}, peft {results['peft']}; "
@@ -234,6 +301,11 @@ def main():
     for r in results["runs"]:
         if "dialogues_per_second" in r:
             lines.append(f"| {r['name']} | {r['dialogues_per_second']:.1f} | {r['seconds']:.1f} | {r['peak_reserved_gib']:.1f} |")
+    lines += ["", "| profile | wall s | GPU busy | kernels | tokens/s (one micro-batch) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results["runs"]:
+        if "gpu_busy_share" in r:
+            lines.append(f"| {r['name']} | {r['wall_seconds']:.3f} | {r['gpu_busy_share']:.0%} | {r['kernel_launches']:.0f} | "
+                         f"{r['micro_batch_tokens_per_second']:,.0f} |")
     (args.out / "phi2_shape.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

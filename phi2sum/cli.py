@@ -162,8 +162,9 @@ def eval_(config: Optional[Path] = ConfigOpt, adapter: Optional[str] = AdapterOp
     from . import evaluate
 
     result = _run(debug, evaluate.run_eval, cfg, adapter, compare == "base", target)
-    console.print(evaluate.results_table(result))
-    info(f"predictions and metrics: {target}")
+    if result is not None:  # under `accelerate launch`, only the main process reports
+        console.print(evaluate.results_table(result))
+        info(f"predictions and metrics: {target}")
 
 
 @app.command()

@@ -11,6 +11,7 @@ all dialogue-reference pairs (1,500 pairs for 500 dialogues); confidence interva
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -247,7 +248,24 @@ def score_model(name: str, gens: list[Generated], references: list[list[str]], c
 # The eval verb
 
 
-def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: Path) -> dict:
+def _shard_and_gather(state, fn, items: list) -> list:
+    """Under `accelerate launch`, each process generates a contiguous slice of `items`; the slices come
+    back concatenated in process order, i.e. in input order. One process: fn(items)."""
+    if state.num_processes == 1:
+        return fn(items)
+    from accelerate.utils import gather_object
+
+    with state.split_between_processes(items) as mine:
+        out = fn(list(mine))
+    return gather_object(out)
+
+
+def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: Path) -> dict | None:
+    """Score the test split; returns the metrics (None on the non-main processes of a multi-GPU run)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    main = state.is_main_process
     check_adapter(adapter)  # before the test split is read (or downloaded)
     rows = data_mod.load_split(cfg.data, cfg.data.test_split, merge_duplicates=True)
     n = min(cfg.eval.limit or len(rows.ids), len(rows.ids))
@@ -263,27 +281,35 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
                "bootstrap_samples": cfg.eval.bootstrap_samples, "prompt_format": loaded.fmt,
                "stop_tokens": loaded.tokenizer.convert_ids_to_tokens(loaded.stop_ids),
                "generation": cfg.generation.model_dump(), "base_model": cfg.model.name, "adapter": adapter,
-               "device": loaded.hardware.name, "models": {}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with progress() as bar:
+               "device": loaded.hardware.name, "processes": state.num_processes, "models": {}}
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with (progress() if main else _Quiet()) as bar:
         for name, use_adapter in runs:
             if loaded.full and not use_adapter:  # the base is another set of weights: swap it in
                 loaded.model = None
                 loaded.model = modeling.load_base(cfg.model, loaded.hardware, quantize=(
                     loaded.hardware.device.type == "cuda" and cfg.model.quantization != "none")).eval()
-            task = bar.add_task(f"generate ({name})", total=n, stats="")
+            # With several processes the bar follows the main process's share (all shards are alike).
+            share = len(range(n)[: math.ceil(n / state.num_processes)])
+            task = bar.add_task(f"generate ({name})", total=share, stats="")
             started = time.perf_counter()
 
             def advance(k, task=task, started=started):
                 done = bar.tasks[task].completed + k
-                bar.update(task, advance=k, stats=f"{done / (time.perf_counter() - started):.1f} dialogues/s")
+                rate = done * state.num_processes / (time.perf_counter() - started)
+                bar.update(task, advance=k, stats=f"{rate:.1f} dialogues/s")
 
-            if use_adapter or not adapter or loaded.full:
-                gens = generate(loaded, dialogues, cfg.data.instruction, cfg.generation, advance)
-            else:
+            def run(part, use_adapter=use_adapter):
+                if use_adapter or not adapter or loaded.full:
+                    return generate(loaded, part, cfg.data.instruction, cfg.generation, advance)
                 with loaded.model.disable_adapter():
-                    gens = generate(loaded, dialogues, cfg.data.instruction, cfg.generation, advance)
+                    return generate(loaded, part, cfg.data.instruction, cfg.generation, advance)
+
+            gens = _shard_and_gather(state, run, dialogues)
             seconds = time.perf_counter() - started
+            if not main:
+                continue
             metrics["models"][name] = score_model(adapter if use_adapter else cfg.model.name, gens, references,
                                                   cfg, seconds)
             suffix = "" if name != "base" or not adapter else "_base"
@@ -291,12 +317,33 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
                 {"id": i, "dialogue": d, "references": r, "prediction": g.text, "raw_output": g.raw,
                  "new_tokens": g.new_tokens, "hit_max_new_tokens": g.hit_max, "run_on": g.run_on}
                 for i, d, r, g in zip(ids, dialogues, references, gens)])
+    if not main:
+        return None
     total_truncated = sum(m["truncated_inputs"] for m in metrics["models"].values())
     if total_truncated:
         warn(f"{total_truncated} dialogues were shortened to generation.max_input_tokens "
              f"({cfg.generation.max_input_tokens})")
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+class _Quiet:  # stands in for the progress bar on processes other than the main one
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+    class _Task:
+        completed = 0
+
+    tasks = {0: _Task()}
 
 
 def _fmt(entry: dict) -> str:

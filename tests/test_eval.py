@@ -385,7 +385,7 @@ def test_eval_on_a_folder_that_is_not_an_adapter(tmp_path):
     assert result.exit_code == 2
     # Said before the (default, hub) test split is loaded: the one line names the adapter problem.
     assert error_lines(result.output) == [f"error: {folder} is not an adapter or run directory (no "
-                                          "adapter_config.json); pass the output_dir of `phi2sum train`"]
+                                          "adapter_config.json or config.json); pass the output_dir of `phi2sum train`"]
     assert "Traceback" not in result.output
 
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# SmolLM2-135M speed probes (issue 7/5), each a fresh `phi2sum` process as users run it:
+# zero-shot eval of the 500 test dialogues under several generation settings (generation seconds come from
+# metrics.json), then 80 training steps of configs/smollm2.yaml under several settings (real tokens/s
+# after step 20, from metrics.jsonl). Usage (GPU machine, after the install line):
+#   bash bench/smollm2_speed.sh /tmp/m/smollm2.gguf .gpu/data $OUT/smollm2_speed.jsonl
+set -uo pipefail
+gguf=$1 data=$2 results=$3
+p2s() { python3 -m phi2sum "$@"; }
+common=(--set "model.name=$gguf" --set "data.source=$data" --set data.cache_dir=/tmp/p2s-cache)
+nvidia-smi --query-gpu=name --format=csv,noheader
+evals=("batch512:" "budget64k:--set generation.batch_tokens=64000" "budget160k:--set generation.batch_tokens=160000"
+       "static:--set generation.cache=static")
+for v in "${evals[@]}"; do
+  name=${v%%:*}; read -ra extra <<< "${v#*:}"
+  s=$(date +%s.%N)
+  p2s eval --config configs/smollm2.yaml "${common[@]}" "${extra[@]}" --out "/tmp/zs-$name" 2>&1 | grep -E "rouge1|error" 
+  python3 - "$name" "/tmp/zs-$name/metrics.json" "$s" "$results" <<'PY'
+import json, sys, time
+name, path, start, results = sys.argv[1:]
+try:
+    m = json.load(open(path))["models"]["base"]
+    row = {"probe": "zero-shot eval", "variant": name, "generation_seconds": m["seconds"], "process_seconds": time.time() - float(start),
+           "rouge1": m["rouge1"]["mean"], "hit_max": m["hit_max_new_tokens_share"]}
+except Exception as e:
+    row = {"probe": "zero-shot eval", "variant": name, "error": repr(e)}
+print(json.dumps(row)); open(results, "a").write(json.dumps(row) + "\n")
+PY
+done
+trains=("lora:" "lora-nodrop:--set lora.dropout=0" "lora-nodrop-compile:--set lora.dropout=0 --set train.compile=true"
+        "full:--set lora.enabled=false --set train.learning_rate=1e-4" "lora-nodrop-b64:--set lora.dropout=0 --set train.batch_size=64"
+        "full-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.compile=true")
+for v in "${trains[@]}"; do
+  name=${v%%:*}; read -ra extra <<< "${v#*:}"
+  p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=80 \
+    --set train.eval_every=0 --set train.save_every=100000 --set train.log_every=10 --set train.keep_best=false \
+    "${extra[@]}" --overwrite 2>&1 | grep -E "error|tokens/s" | tail -n 2
+  python3 - "$name" "/tmp/spd-$name" "$results" <<'PY'
+import json, sys
+name, run, results = sys.argv[1:]
+try:
+    log = [json.loads(x) for x in open(f"{run}/metrics.jsonl")]
+    steady = [r["tokens_per_second"] for r in log if r["kind"] == "train" and r["step"] > 20]
+    s = json.load(open(f"{run}/summary.json"))
+    row = {"probe": "train 80 steps", "variant": name, "steady_tokens_per_second": sum(steady) / len(steady),
+           "whole_run_tokens_per_second": s["tokens_per_second"], "peak_memory_gib": s["peak_memory_gib"],
+           "final_loss": s["train_loss"]}
+except Exception as e:
+    row = {"probe": "train 80 steps", "variant": name, "error": repr(e)}
+print(json.dumps(row)); open(results, "a").write(json.dumps(row) + "\n")
+PY
+done
