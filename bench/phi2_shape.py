@@ -127,16 +127,27 @@ def seed_recipe(model_dir: Path, data: Path, steps: int) -> dict:
     return result
 
 
-def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: int, overrides: list[str]) -> dict:
+def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: int, overrides: list[str],
+                   levers: bool = True) -> dict:
+    """levers=False runs the same config with the fused GELU and the LoRA-input cast skip switched off
+    (the code as it was before them), so their gain is measured in the same call."""
+    from phi2sum import modeling
     from phi2sum.config import load_config
     from phi2sum.train import train
+
+    saved = modeling.fuse_gelu, modeling.keep_lora_inputs_in_compute_dtype
+    if not levers:
+        modeling.fuse_gelu = modeling.keep_lora_inputs_in_compute_dtype = lambda model: None
 
     out = Path(f"/tmp/bench-runs/{name}")
     cfg = load_config(ROOT / config, [f"model.name={model_dir}", f"data.source={data}", f"train.output_dir={out}",
                                       f"train.max_steps={steps}", "train.eval_every=0", f"train.save_every={steps}",
                                       "train.log_every=1", "train.eval_max_rows=16", "data.cache_dir=/tmp/bench-cache",
                                       "train.early_stopping_patience=0", *overrides])
-    result = train(cfg, overwrite=True)
+    try:
+        result = train(cfg, overwrite=True)
+    finally:
+        modeling.fuse_gelu, modeling.keep_lora_inputs_in_compute_dtype = saved
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in log if r["kind"] == "train" and r["step"] > 3]  # first steps: warm-up, allocator growth
     tps = sum(r["tokens_per_second"] for r in timed) / len(timed)
@@ -271,6 +282,8 @@ def main():
                  model_dir, args.data, args.steps, []),
         "bf16-nodrop": (phi2sum_recipe, "a100.yaml, LoRA dropout 0", a100, model_dir, args.data, args.steps,
                         ["lora.dropout=0"]),
+        "bf16-nodrop-before": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, without fused GELU / cast skip", a100,
+                               model_dir, args.data, args.steps, ["lora.dropout=0"], False),
         "bf16-compile": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, torch.compile", a100, model_dir, args.data,
                          args.steps, ["lora.dropout=0", "train.compile=true"]),
         "bf16-32": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, batch 32 x 1", a100, model_dir, args.data,

@@ -11,7 +11,7 @@ common=(--set "model.name=$gguf" --set "data.source=$data" --set data.cache_dir=
 nvidia-smi --query-gpu=name --format=csv,noheader
 evals=("batch512:" "budget64k:--set generation.batch_tokens=64000" "budget160k:--set generation.batch_tokens=160000"
        "static:--set generation.cache=static")
-for v in "${evals[@]}"; do
+for v in "${evals[@]:0:${EVALS:-99}}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
   s=$(date +%s.%N)
   p2s eval --config configs/smollm2.yaml "${common[@]}" "${extra[@]}" --out "/tmp/zs-$name" 2>&1 | grep -E "rouge1|error" 
@@ -33,7 +33,7 @@ trains=("lora:" "lora-nodrop:--set lora.dropout=0" "lora-nodrop-compile:--set lo
 for v in "${trains[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
   p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=80 \
-    --set train.eval_every=0 --set train.save_every=100000 --set train.log_every=10 --set train.keep_best=false \
+    --set train.eval_every=0 --set train.early_stopping_patience=0 --set train.save_every=100000 --set train.log_every=10 --set train.keep_best=false \
     "${extra[@]}" --overwrite 2>&1 | grep -E "error|tokens/s" | tail -n 2
   python3 - "$name" "/tmp/spd-$name" "$results" <<'PY'
 import json, sys

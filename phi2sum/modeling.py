@@ -196,7 +196,21 @@ def load_base(m: ModelConfig, hw: Hardware, path: str | None = None, quantize: b
         raise Phi2sumError(f"cannot load model {path}: {str(e).splitlines()[0][:300]}") from None
     if "device_map" not in kwargs:
         model.to(hw.device)
+    fuse_gelu(model)
     return model
+
+
+def fuse_gelu(model) -> int:
+    """Swap transformers' `gelu_new` (Phi-2's activation: the tanh GELU written as six elementwise
+    tensor ops, each a pass over the 4x-wide MLP activations, forward and backward) for PyTorch's fused
+    kernel of the same formula. Outputs agree to float rounding. Returns how many modules were swapped."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, NewGELUActivation)]
+    for name, _ in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, ACT2FN["gelu_pytorch_tanh"])
+    return len(swaps)
 
 
 def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
@@ -236,6 +250,15 @@ def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
 def is_full_model(run: Path) -> bool:
     """A run of a full fine-tune (lora.enabled: false) holds a whole model instead of an adapter."""
     return (run / "config.json").is_file() and not (run / "adapter_config.json").is_file()
+
+
+def keep_lora_inputs_in_compute_dtype(model) -> None:
+    """For training under autocast only. PEFT casts each LoRA input to the adapter's fp32 dtype; autocast
+    then runs the matmul in bf16/fp16 anyway, so the cast is a full fp32 copy of every adapted activation
+    for nothing (without autocast the cast is needed: fp32 weights cannot multiply bf16 inputs)."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def read_adapter_base(adapter: str) -> str | None:

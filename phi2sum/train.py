@@ -362,6 +362,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     hw_model = modeling.Hardware(accelerator.device, hw.dtype, hw.name)
     model = modeling.load_base(cfg.model, hw_model, path, quantize=quantized)
     model = modeling.add_lora(model, cfg.lora, t, quantized)
+    if mixed != "no":
+        modeling.keep_lora_inputs_in_compute_dtype(model)
     if t.compile:
         if accelerator.device.type == "cuda":
             # In place (nn.Module.compile): parameter names, checkpoints and the saved adapter stay as

@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import ONE_THREAD, ROOT, tiny_config_dict
+from phi2sum import modeling
 from phi2sum import train as train_mod
 from phi2sum.cli import app
 from phi2sum.config import ConfigError, load_config
@@ -421,3 +422,23 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="not a phi2sum run"):
         train(load_config(config), overwrite=True)
     assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_fused_gelu_matches_gelu_new(tiny_model):
+    """load_base swaps gelu_new for PyTorch's fused tanh GELU: same function, same logits."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    from phi2sum.config import ModelConfig
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert any(isinstance(m, NewGELUActivation) for m in reference.modules())
+    hw = modeling.Hardware(torch.device("cpu"), torch.float32, "cpu")
+    fused = modeling.load_base(ModelConfig(name=str(tiny_model), quantization="none"), hw)
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    ids = torch.randint(0, reference.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = reference(ids).logits, fused(ids).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    x = torch.linspace(-6, 6, 1001)
+    assert torch.allclose(NewGELUActivation()(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6)
