@@ -264,7 +264,8 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
     """Score the test split; returns the metrics (None on the non-main processes of a multi-GPU run)."""
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True: on a machine without CUDA, torchrun/accelerate launch processes still form one group (gloo).
+    state = PartialState(cpu=cfg.train.device == "cpu" or not torch.cuda.is_available())
     main = state.is_main_process
     check_adapter(adapter)  # before the test split is read (or downloaded)
     rows = data_mod.load_split(cfg.data, cfg.data.test_split, merge_duplicates=True)

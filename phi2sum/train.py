@@ -249,6 +249,23 @@ def _same_setup(saved: Path, cfg: RunConfig) -> None:
                               "resume with the same config, or start a new output_dir")
 
 
+def _resumed_micro_per_step(state: dict, t, world: int, main: bool) -> int:
+    """A resumed run keeps its global batch whatever the process count now: the data position is the
+    step number, so rows per step must not change. grad_accum is adapted where it divides."""
+    saved = state.get("micro_per_step", t.grad_accum * world)  # checkpoints from before this field: as now
+    if state.get("batch_size", t.batch_size) != t.batch_size:
+        raise ConfigError(f"--resume: the run used train.batch_size={state['batch_size']}; resume with that value")
+    if saved == t.grad_accum * world:
+        return saved
+    if saved % world:
+        raise ConfigError(f"--resume: the run took {saved} micro-batches per step (grad_accum x processes); "
+                          f"{world} processes cannot split that evenly; resume with a process count that divides {saved}")
+    if main:
+        info(f"resuming with {world} process(es): train.grad_accum {t.grad_accum} -> {saved // world}, so each step "
+             f"still takes {saved} micro-batches of {t.batch_size} rows")
+    return saved
+
+
 def plot_losses(run: Path) -> None:
     import matplotlib
 
@@ -379,25 +396,26 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     scaler = accelerator.scaler
 
-    micro_per_step = t.grad_accum * world
-    batches_per_epoch = math.ceil(len(train_rows) / t.batch_size)
-    steps_per_epoch = batches_per_epoch // micro_per_step
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_rows)} training rows make less than one optimizer step of "
-                          f"{t.batch_size} x {t.grad_accum} x {world} rows; lower batch_size or grad_accum")
-    total_steps = t.max_steps or max(1, int(round(t.epochs * steps_per_epoch)))
-
-    state = {"best_eval_loss": None, "best_step": None, "bad_evals": 0, "real_tokens": 0, "seconds": 0.0}
+    micro_per_step = t.grad_accum * world  # micro-batches in one optimizer step, over all processes
+    state = {"best_eval_loss": None, "best_step": None, "bad_evals": 0, "real_tokens": 0, "seconds": 0.0,
+             "micro_per_step": micro_per_step, "batch_size": t.batch_size}
     step = 0
     if resume:
         ckpt = latest_checkpoint(run)
         if ckpt is not None:
             state = load_checkpoint(ckpt, accelerator.unwrap_model(loss_model).model, optimizer, scaler)
             step = state.pop("step")
-            if main:
-                info(f"resuming from {ckpt} (step {step} of {total_steps})")
+            micro_per_step = _resumed_micro_per_step(state, t, world, main)
         elif main and (run / "checkpoints").exists():
             warn(f"no usable checkpoint in {run}/checkpoints; starting from step 0")
+    batches_per_epoch = math.ceil(len(train_rows) / t.batch_size)
+    steps_per_epoch = batches_per_epoch // micro_per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_rows)} training rows make less than one optimizer step of "
+                          f"{t.batch_size} x {micro_per_step // world} x {world} rows; lower batch_size or grad_accum")
+    total_steps = t.max_steps or max(1, int(round(t.epochs * steps_per_epoch)))
+    if main and step:
+        info(f"resuming from {ckpt} (step {step} of {total_steps})")
     if main:
         save_config(cfg, run / "config.yaml")
         metrics = run / "metrics.jsonl"

@@ -1,0 +1,109 @@
+"""Several processes, through the launcher users run (torchrun; `accelerate launch` sets the same
+environment), on the CPU with the gloo backend: the distributed code paths of train and eval, not only
+their single-process branch. Two processes on a 2-core machine: slow-ish, so few and short runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config_dict
+
+
+def free_port() -> int:
+    with socket.socket() as s:  # torchrun's static rendezvous needs a real port number (0 hangs)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+           "-m", "phi2sum", *args] if nproc > 1 else [sys.executable, "-m", "phi2sum", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def adapter(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model) -> Path:
+    tmp = tmp_path_factory.mktemp("mp")
+    raw = tiny_config_dict(tiny_model, tmp, train={"max_steps": 6, "save_every": 3, "eval_every": 3, "keep_best": False})
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    return tmp
+
+
+def test_two_processes_match_one_and_resume_with_one(world):
+    """2 processes train 6 steps (data sharded, gradients averaged, one writer) and match a 1-process run
+    with the same rows per step: the loss is normalised by the global summary-token count, so the process
+    count does not change the gradient. Then one process resumes the 2-process run from its step-3
+    checkpoint and ends with the same adapter again."""
+    cfg = str(world / "cfg.yaml")  # batch 4 x grad_accum 2: 8 rows per step
+    whole = launch(1, "train", "--config", cfg, "--set", f"train.output_dir={world / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # Two processes with grad_accum 1 take the same 8 rows per step (how users keep the global batch).
+    two = launch(2, "train", "--config", cfg, "--set", f"train.output_dir={world / 'split'}", "--set", "train.grad_accum=1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    summary = json.loads((world / "split" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+
+    def train_log(run):
+        return [r for r in map(json.loads, (world / run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+    assert [r["step"] for r in train_log("split")] == [1, 2, 3, 4, 5, 6]  # one writer, no duplicate lines
+    for a, b in zip(train_log("split"), train_log("whole")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+    def same_adapter(run):
+        a, b = adapter(world / run / "adapter_model.safetensors"), adapter(world / "whole" / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+    same_adapter("split")
+    # Back to step 3 of the 2-process run, resumed by one process with the 2-process command's grad_accum:
+    # the run's rows per step are kept (grad_accum adapted), so the end is the same adapter.
+    shutil.copytree(world / "split", world / "resumed")
+    shutil.rmtree(world / "resumed" / "checkpoints" / "step-00000006")
+    resumed = launch(1, "train", "--config", cfg, "--set", f"train.output_dir={world / 'resumed'}", "--resume",
+                     "--set", "train.grad_accum=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = " ".join((resumed.stdout + resumed.stderr).split())
+    assert "resuming from" in said and "step 3 of 6" in said and "train.grad_accum 1 -> 2" in said
+    same_adapter("resumed")
+    # A process count that cannot split the run's micro-batches is refused in one line.
+    odd = launch(1, "train", "--config", cfg, "--set", f"train.output_dir={world / 'resumed'}", "--resume",
+                 "--set", "train.batch_size=2")
+    assert odd.returncode == 2 and "train.batch_size=4" in odd.stdout + odd.stderr
+
+
+def test_eval_split_across_two_processes_returns_every_dialogue_in_order(world):
+    """Each process generates half of the test split; the main one gathers, scores and writes. Same
+    predictions, same order, same scores as one process (fp32 CPU: batch composition cannot matter)."""
+    run = world / "whole"
+    if not (run / "adapter_config.json").exists():
+        pytest.skip("needs the training test's run")
+    one = launch(1, "eval", "--adapter", str(run), "--compare", "none", "--out", str(world / "ev1"))
+    two = launch(2, "eval", "--adapter", str(run), "--compare", "none", "--out", str(world / "ev2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (two.stdout + two.stderr).count("ROUGE F1 on test") == 1  # only the main process prints the table
+    rows = [[json.loads(x) for x in (world / d / "predictions.jsonl").read_text().splitlines()] for d in ("ev1", "ev2")]
+    assert [r["id"] for r in rows[1]] == [r["id"] for r in rows[0]] == [f"test_{i}" for i in range(6)]
+    assert [r["prediction"] for r in rows[1]] == [r["prediction"] for r in rows[0]]
+    m1, m2 = (json.loads((world / d / "metrics.json").read_text()) for d in ("ev1", "ev2"))
+    assert (m1["processes"], m2["processes"]) == (1, 2)
+    assert m2["models"]["fine-tuned"]["rouge1"]["mean"] == m1["models"]["fine-tuned"]["rouge1"]["mean"]
