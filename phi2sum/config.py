@@ -157,7 +157,7 @@ class TrainConfig(_Section):
     """`auto`: continue from the newest valid checkpoint in output_dir when there is one."""
     compile: bool = False
     """torch.compile the transformer blocks (CUDA only; dynamic shapes, so varying lengths do not
-    recompile): fewer, fused kernels after a slow first step."""
+    recompile): fewer, fused kernels after a slow first step. Experimental: not yet timed on a GPU."""
 
 
 class GenerationConfig(_Section):
@@ -183,8 +183,8 @@ class GenerationConfig(_Section):
     """Also cap each batch at this many tokens of KV cache, counted as rows x (longest prompt +
     max_new_tokens); long dialogues then go in smaller batches, short ones in larger (0 = no cap)."""
     cache: Literal["dynamic", "static"] = "dynamic"
-    """KV cache: `dynamic` grows per token; `static` is allocated once per batch (transformers may then
-    compile the decoding step: slow first batch, faster after)."""
+    """KV cache: `dynamic` grows per token; `static` is allocated once per batch and transformers then
+    compiles the decoding step (SmolLM2 on 500 dialogues: 44 s against 13 s dynamic, compiling dominates)."""
     max_input_tokens: int = Field(896, ge=16)
     """Longer dialogues are shortened (with a warning) to fit this many prompt tokens."""
 
