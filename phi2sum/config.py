@@ -156,7 +156,7 @@ class TrainConfig(_Section):
     resume: Literal["auto", "never"] = "never"
     """`auto`: continue from the newest valid checkpoint in output_dir when there is one."""
     compile: bool = False
-    """torch.compile the transformer blocks (CUDA only; dynamic shapes, so varying lengths do not
+    """torch.compile the model body: embeddings, blocks, final norm (CUDA only; dynamic shapes, so varying lengths do not
     recompile): fewer, fused kernels after a slow first step. Experimental: not yet timed on a GPU."""
 
 
@@ -180,7 +180,7 @@ class GenerationConfig(_Section):
     batch_size: int = Field(32, ge=1)
     """Most dialogues generated together."""
     batch_tokens: int = Field(0, ge=0)
-    """Also cap each batch at this many tokens of KV cache, counted as rows x (longest prompt +
+    """Also cap each batch at this many tokens of KV cache, counted as rows x beams x (longest prompt +
     max_new_tokens); long dialogues then go in smaller batches, short ones in larger (0 = no cap)."""
     cache: Literal["dynamic", "static"] = "dynamic"
     """KV cache: `dynamic` grows per token; `static` is allocated once per batch and transformers then

@@ -73,8 +73,9 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     own = adapter and Path(adapter, "tokenizer_config.json").is_file()
     tokenizer = modeling.load_tokenizer(cfg.model, adapter if own else path)
     quantize = hw.device.type == "cuda" and cfg.model.quantization != "none"
-    if adapter and modeling.is_full_model(Path(adapter)):  # a full fine-tune: the run holds the whole model
-        return Loaded(modeling.load_base(cfg.model, hw, adapter, quantize=quantize).eval(), tokenizer,
+    if adapter and modeling.is_full_model(Path(adapter)):
+        # A full fine-tune: the run holds the whole model, trained unquantized (train never quantizes one).
+        return Loaded(modeling.load_base(cfg.model, hw, adapter, quantize=False).eval(), tokenizer,
                       data_mod.resolve_format(cfg.data, tokenizer), [], adapter, hw, full=True)._with_stops()
     model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
     if adapter:
@@ -115,13 +116,13 @@ def clean_summary(raw: str) -> tuple[str, bool]:
 
 def plan_batches(lengths: list[int], order: list[int], gen: GenerationConfig) -> list[list[int]]:
     """Split prompts (sorted longest first) into batches of at most gen.batch_size rows and, with
-    gen.batch_tokens, at most that many cache tokens (rows x (first row's length + max_new_tokens)):
+    gen.batch_tokens, at most that many cache tokens (rows x beams x (first row's length + max_new_tokens)):
     the few long dialogues then do not make every row of a big batch carry their padding."""
     batches, start = [], 0
     while start < len(order):
         rows = gen.batch_size
         if gen.batch_tokens:
-            rows = max(1, min(rows, gen.batch_tokens // (lengths[start] + gen.max_new_tokens)))
+            rows = max(1, min(rows, gen.batch_tokens // (gen.num_beams * (lengths[start] + gen.max_new_tokens))))
         batches.append(order[start : start + rows])
         start += rows
     return batches
@@ -287,10 +288,9 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
         out_dir.mkdir(parents=True, exist_ok=True)
     with (progress() if main else _Quiet()) as bar:
         for name, use_adapter in runs:
-            if loaded.full and not use_adapter:  # the base is another set of weights: swap it in
-                loaded.model = None
-                loaded.model = modeling.load_base(cfg.model, loaded.hardware, quantize=(
-                    loaded.hardware.device.type == "cuda" and cfg.model.quantization != "none")).eval()
+            if loaded.full and not use_adapter:  # the base is another set of weights: swap it in,
+                loaded.model = None  # unquantized like the fine-tune, so the two columns compare weights only
+                loaded.model = modeling.load_base(cfg.model, loaded.hardware, quantize=False).eval()
             # With several processes the bar follows the main process's share (all shards are alike).
             share = len(range(n)[: math.ceil(n / state.num_processes)])
             task = bar.add_task(f"generate ({name})", total=share, stats="")

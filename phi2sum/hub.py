@@ -159,7 +159,8 @@ def _usage(cfg: RunConfig, run_dir: Path, repo_id: str | None, base: str | None)
     note = "" if base or full else (f"\nTraining loaded the base model from `{cfg.model.name}`, which is not a Hub id, so "
                             "this card names no `base_model`; load the same weights before applying the adapter.\n")
     return (f"Prompt format `{fmt}`; a summary ends with the stop token `{stop}`. With the `phi2sum` CLI: "
-            f"`phi2sum summarize dialogue.txt --adapter {repo}`. With transformers"
+            + (f"`phi2sum summarize dialogue.txt --set model.name={repo} --set model.quantization=none`. "
+               if full else f"`phi2sum summarize dialogue.txt --adapter {repo}`. ") + "With transformers"
             + ("" if full else " + PEFT") + ":\n\n"
             + "\n".join(lines) + "\n" + note)
 

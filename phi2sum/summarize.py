@@ -12,6 +12,7 @@ Speaker lines may be `Tom: hi` or DialogSum's `#Person1#: hi`. Named speakers ar
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -94,6 +95,8 @@ def read_inputs(inputs: list[str]) -> list[tuple[str, str]]:
 
 
 def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None) -> list[dict]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would summarize and write everything
+        raise ConfigError("summarize runs in one process; start it without accelerate launch / torchrun")
     items = read_inputs(inputs)
     normalized = [normalize(text) for _, text in items]
     loaded = evaluate.load_for_inference(cfg, adapter)

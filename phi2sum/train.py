@@ -261,8 +261,8 @@ def _resumed_micro_per_step(state: dict, t, world: int, main: bool) -> int:
         raise ConfigError(f"--resume: the run took {saved} micro-batches per step (grad_accum x processes); "
                           f"{world} processes cannot split that evenly; resume with a process count that divides {saved}")
     if main:
-        info(f"resuming with {world} process(es): train.grad_accum {t.grad_accum} -> {saved // world}, so each step "
-             f"still takes {saved} micro-batches of {t.batch_size} rows")
+        info(f"resuming keeps the run's {saved} micro-batches of {t.batch_size} rows per step: with {world} "
+             f"process(es), train.grad_accum {t.grad_accum} -> {saved // world}")
     return saved
 
 
@@ -406,6 +406,10 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
             state = load_checkpoint(ckpt, accelerator.unwrap_model(loss_model).model, optimizer, scaler)
             step = state.pop("step")
             micro_per_step = _resumed_micro_per_step(state, t, world, main)
+            if micro_per_step != t.grad_accum * world:  # record what the run really does from here on
+                t = t.model_copy(update={"grad_accum": micro_per_step // world})
+                cfg = cfg.model_copy(update={"train": t})
+            state.update(micro_per_step=micro_per_step, batch_size=t.batch_size)  # older checkpoints lack them
         elif main and (run / "checkpoints").exists():
             warn(f"no usable checkpoint in {run}/checkpoints; starting from step 0")
     batches_per_epoch = math.ceil(len(train_rows) / t.batch_size)

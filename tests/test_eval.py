@@ -427,6 +427,8 @@ def test_token_budget_puts_long_prompts_in_smaller_batches(random_lm):
     capped = gen.model_copy(update={"batch_tokens": 208})
     # 208 // 104 = 2 rows of the longest; then 208 // 44 = 4 rows; the last one alone
     assert evaluate.plan_batches(lengths, order, capped) == [[0, 1], [2, 3, 4, 5], [6]]
+    beams = capped.model_copy(update={"num_beams": 2})  # each row keeps 2 beams' caches: half the rows
+    assert evaluate.plan_batches(lengths, order, beams) == [[0], [1], [2, 3], [4, 5, 6]]
     one = gen.model_copy(update={"batch_tokens": 1})  # never less than one row
     assert evaluate.plan_batches(lengths, order, one) == [[i] for i in order]
     budget = GenerationConfig(max_new_tokens=10, batch_size=4, batch_tokens=150)
@@ -457,10 +459,18 @@ def test_full_fine_tune_run_evaluates_against_its_base_and_stages_for_the_hub(ti
     assert [g.text for g in base_direct] == [r["prediction"] for r in read_jsonl(out / "predictions_base.jsonl")]
     tuned = evaluate.load_for_inference(cfg, str(run))
     assert tuned.full and not hasattr(tuned.model, "disable_adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "model.safetensors"))  # the trained weights, not the base's, are loaded
+    name = "model.layers.0.mlp.fc1.weight"
+    assert torch.equal(tuned.model.state_dict()[name], saved[name])
+    base = evaluate.load_for_inference(cfg, None).model.state_dict()[name]
+    assert not torch.equal(base, saved[name])
     files = dict(hub.stage(run, cfg, "me/full", (tmp_path / "stage").mkdir() or tmp_path / "stage"))
     assert "model.safetensors" in files and "config.json" in files and "adapter_config.json" not in files
     card = (tmp_path / "stage" / "README.md").read_text()
     assert "library_name: transformers" in card and "PeftModel" not in card
     assert 'AutoModelForCausalLM.from_pretrained("me/full"' in card
+    assert "--set model.name=me/full" in card and "--adapter me/full" not in card
     result = runner.invoke(app, ["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 2 and "full fine-tune" in result.output

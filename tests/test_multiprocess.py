@@ -84,7 +84,8 @@ def test_two_processes_match_one_and_resume_with_one(world):
     said = " ".join((resumed.stdout + resumed.stderr).split())
     assert "resuming from" in said and "step 3 of 6" in said and "train.grad_accum 1 -> 2" in said
     same_adapter("resumed")
-    # A process count that cannot split the run's micro-batches is refused in one line.
+    assert yaml.safe_load((world / "resumed" / "config.yaml").read_text())["train"]["grad_accum"] == 2  # as run
+    # Another batch size would move the data position: refused in one line.
     odd = launch(1, "train", "--config", cfg, "--set", f"train.output_dir={world / 'resumed'}", "--resume",
                  "--set", "train.batch_size=2")
     assert odd.returncode == 2 and "train.batch_size=4" in odd.stdout + odd.stderr

@@ -195,3 +195,12 @@ def test_summarize_with_a_bare_adapter_folder(trained, tmp_path):
                                  "--set", "generation.max_new_tokens=4"])
     assert result.exit_code == 0, result.output
     assert len(result.stdout.splitlines()) == 1
+
+
+def test_summarize_under_several_processes_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Under torchrun every process would summarize and write everything: refused before any work."""
+    (tmp_path / "d.txt").write_text("Tom: hi\nAnna: hello\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["summarize", str(tmp_path / "d.txt"), "--set", "model.name=/nonexistent"])
+    assert result.exit_code == 2
+    assert "summarize runs in one process" in result.output and "Traceback" not in result.output

@@ -442,3 +442,20 @@ def test_fused_gelu_matches_gelu_new(tiny_model):
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
     x = torch.linspace(-6, 6, 1001)
     assert torch.allclose(NewGELUActivation()(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6)
+
+
+def test_resume_keeps_the_runs_rows_per_step_under_another_process_count():
+    """The data position is the step number, so a resumed run must keep its micro-batches per step."""
+    from phi2sum.config import TrainConfig
+
+    t = TrainConfig(batch_size=4, grad_accum=1)
+    # saved by 2 processes x grad_accum 2; resumed by 1 process: grad_accum becomes 4
+    assert train_mod._resumed_micro_per_step({"micro_per_step": 4, "batch_size": 4}, t, 1, False) == 4
+    # the same split as before: nothing changes
+    assert train_mod._resumed_micro_per_step({"micro_per_step": 2, "batch_size": 4}, t, 2, False) == 2
+    # a checkpoint from before these fields: taken as the current setup
+    assert train_mod._resumed_micro_per_step({}, t, 3, False) == 3
+    with pytest.raises(ConfigError, match="cannot split that evenly"):
+        train_mod._resumed_micro_per_step({"micro_per_step": 3, "batch_size": 4}, t, 2, False)
+    with pytest.raises(ConfigError, match="train.batch_size=8"):
+        train_mod._resumed_micro_per_step({"micro_per_step": 2, "batch_size": 8}, t, 1, False)
