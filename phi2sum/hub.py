@@ -104,8 +104,10 @@ def _results(metrics: dict | None) -> str:
 def _training(cfg: RunConfig, summary: dict | None) -> str:
     lo, t, m = cfg.lora, cfg.train, cfg.model
     adapter = (f"LoRA r={lo.r}, alpha={lo.alpha:g}, dropout={lo.dropout:g} on {', '.join(lo.target_modules)}"
-               + (", rsLoRA" if lo.use_rslora else "") + (", DoRA" if lo.use_dora else ""))
-    weights = {"4bit": f"4-bit {m.quant_type} (QLoRA)", "8bit": "8-bit", "none": "unquantized"}[m.quantization]
+               + (", rsLoRA" if lo.use_rslora else "") + (", DoRA" if lo.use_dora else "")
+               if lo.enabled else "none: full fine-tune of every weight (fp32 master weights)")
+    weights = {"4bit": f"4-bit {m.quant_type} (QLoRA)", "8bit": "8-bit", "none": "unquantized"}[
+        m.quantization if lo.enabled else "none"]  # train never quantizes a full fine-tune
     rows = [("base model", f"`{m.name}`" + (f" ({m.gguf_file})" if m.gguf_file else "") + f", {weights}"),
             ("adapter", adapter),
             ("optimizer", f"{t.optimizer}, peak lr {t.learning_rate:g}, {t.scheduler} decay, {t.warmup_steps} "

@@ -472,5 +472,6 @@ def test_full_fine_tune_run_evaluates_against_its_base_and_stages_for_the_hub(ti
     assert "library_name: transformers" in card and "PeftModel" not in card
     assert 'AutoModelForCausalLM.from_pretrained("me/full"' in card
     assert "--set model.name=me/full" in card and "--adapter me/full" not in card
+    assert "full fine-tune of every weight" in card and "LoRA r=" not in card
     result = runner.invoke(app, ["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 2 and "full fine-tune" in result.output
