@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a 4-GPU machine (2026-11-27 session 2): four independent jobs, one per GPU, so a metered call
+# One call on a 4-GPU machine (used 2026-11-27, second session): four independent jobs, one per GPU, so a metered call
 # does four things at once. GPU0 Phi-2-shape speed probes, GPU1 SmolLM2 speed probes, GPU2/GPU3 quality
 # ablations. Usage (after the install line, GGUF at /tmp/m/smollm2.gguf):  bash bench/round1.sh $OUT
 set -uo pipefail
@@ -17,6 +17,6 @@ CUDA_VISIBLE_DEVICES=3 timeout $limit bash bench/smollm2_ablation.sh full-lr1e-4
   --set train.learning_rate=1e-4 > "$out/gpu3.log" 2>&1 &
 wait
 tar czf "$out/ablations.tgz" --exclude='*.safetensors' --exclude='checkpoints' --exclude='best' /tmp/abl-* 2>/dev/null
-tar czf "$out/logs.tgz" -C "$out" gpu0.log gpu1.log gpu2.log gpu3.log && rm -f "$out"/gpu?.log.keep
+tar czf "$out/logs.tgz" -C "$out" gpu0.log gpu1.log gpu2.log gpu3.log  # one file back instead of four
 for f in gpu0 gpu1 gpu2 gpu3; do echo "== $f"; grep -v "^\s*$" "$out/$f.log" | tail -n 22 | cut -c1-200; done; rm -f "$out"/gpu?.log
 cat "$out/phi2/phi2_shape.md" 2>/dev/null; cat "$out/smollm2_speed.jsonl" 2>/dev/null
