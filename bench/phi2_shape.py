@@ -205,7 +205,7 @@ def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, override
     batch = {k: v.cuda() for k, v in batch.items()}
     model = modeling.add_lora(modeling.load_base(cfg.model, hw, str(model_dir), quantize=False), cfg.lora, cfg.train, False)
     if cfg.train.compile:
-        model.get_base_model().base_model.compile(dynamic=True)
+        modeling.compile_body(model)
     loss_model = SummaryLoss(model).train()
 
     def once():

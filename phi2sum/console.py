@@ -26,7 +26,8 @@ def error(msg: str) -> None:
         console.print(Text.assemble(("error: ", "bold red"), line), soft_wrap=True)
 
 
-def progress() -> Progress:
+def progress(disable: bool = False) -> Progress:
+    """The bar for long work; disable=True keeps its bookkeeping but draws nothing (other processes)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console, transient=False)
+                    TimeRemainingColumn(), console=console, transient=False, disable=disable)

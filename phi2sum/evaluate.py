@@ -45,10 +45,6 @@ class Loaded:
     hardware: modeling.Hardware
     full: bool = False  # the run is a full fine-tune: no adapter to switch off for the base pass
 
-    def _with_stops(self) -> "Loaded":
-        self.stop_ids = data_mod.stop_ids(self.tokenizer, self.fmt)
-        return self
-
 
 def check_adapter(adapter: str | None) -> None:
     """Fail fast on an --adapter that cannot be one, before any data or model is loaded."""
@@ -73,12 +69,12 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     own = adapter and Path(adapter, "tokenizer_config.json").is_file()
     tokenizer = modeling.load_tokenizer(cfg.model, adapter if own else path)
     quantize = hw.device.type == "cuda" and cfg.model.quantization != "none"
-    if adapter and modeling.is_full_model(Path(adapter)):
-        # A full fine-tune: the run holds the whole model, trained unquantized (train never quantizes one).
-        return Loaded(modeling.load_base(cfg.model, hw, adapter, quantize=False).eval(), tokenizer,
-                      data_mod.resolve_format(cfg.data, tokenizer), [], adapter, hw, full=True)._with_stops()
-    model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
-    if adapter:
+    full = bool(adapter) and modeling.is_full_model(Path(adapter))
+    if full:  # the run holds the whole model, trained unquantized (train never quantizes a full fine-tune)
+        model = modeling.load_base(cfg.model, hw, adapter, quantize=False)
+    else:
+        model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
+    if adapter and not full:
         try:
             model = modeling.load_adapter(model, adapter)
         except Phi2sumError as e:
@@ -90,7 +86,7 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
             raise
     model.eval()
     fmt = data_mod.resolve_format(cfg.data, tokenizer)
-    return Loaded(model, tokenizer, fmt, data_mod.stop_ids(tokenizer, fmt), adapter, hw)
+    return Loaded(model, tokenizer, fmt, data_mod.stop_ids(tokenizer, fmt), adapter, hw, full)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,14 +282,13 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
                "device": loaded.hardware.name, "processes": state.num_processes, "models": {}}
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    with (progress() if main else _Quiet()) as bar:
+    with progress(disable=not main) as bar:
         for name, use_adapter in runs:
             if loaded.full and not use_adapter:  # the base is another set of weights: swap it in,
                 loaded.model = None  # unquantized like the fine-tune, so the two columns compare weights only
                 loaded.model = modeling.load_base(cfg.model, loaded.hardware, quantize=False).eval()
             # With several processes the bar follows the main process's share (all shards are alike).
-            share = len(range(n)[: math.ceil(n / state.num_processes)])
-            task = bar.add_task(f"generate ({name})", total=share, stats="")
+            task = bar.add_task(f"generate ({name})", total=math.ceil(n / state.num_processes), stats="")
             started = time.perf_counter()
 
             def advance(k, task=task, started=started):
@@ -326,25 +321,6 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
              f"({cfg.generation.max_input_tokens})")
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
-
-
-class _Quiet:  # stands in for the progress bar on processes other than the main one
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-    class _Task:
-        completed = 0
-
-    tasks = {0: _Task()}
 
 
 def _fmt(entry: dict) -> str:

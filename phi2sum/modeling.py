@@ -247,6 +247,13 @@ def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
     return model
 
 
+def compile_body(model) -> None:
+    """torch.compile the transformer body (embeddings, blocks, final norm) in place: parameter names,
+    checkpoints and saved adapters stay as they are. dynamic=True: one graph for every sequence length."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.base_model.compile(dynamic=True)
+
+
 def is_full_model(run: Path) -> bool:
     """A run of a full fine-tune (lora.enabled: false) holds a whole model instead of an adapter."""
     return (run / "config.json").is_file() and not (run / "adapter_config.json").is_file()

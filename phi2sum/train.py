@@ -383,10 +383,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
         modeling.keep_lora_inputs_in_compute_dtype(model)
     if t.compile:
         if accelerator.device.type == "cuda":
-            # In place (nn.Module.compile): parameter names, checkpoints and the saved adapter stay as
-            # they are. dynamic=True: one graph for every sequence length instead of one per length.
-            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-            inner.base_model.compile(dynamic=True)
+            modeling.compile_body(model)
         elif main:
             warn("train.compile is for CUDA GPUs; running uncompiled on the CPU")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -406,9 +403,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
             state = load_checkpoint(ckpt, accelerator.unwrap_model(loss_model).model, optimizer, scaler)
             step = state.pop("step")
             micro_per_step = _resumed_micro_per_step(state, t, world, main)
-            if micro_per_step != t.grad_accum * world:  # record what the run really does from here on
-                t = t.model_copy(update={"grad_accum": micro_per_step // world})
-                cfg = cfg.model_copy(update={"train": t})
+            t = t.model_copy(update={"grad_accum": micro_per_step // world})  # what the run does from here on
+            cfg = cfg.model_copy(update={"train": t})
             state.update(micro_per_step=micro_per_step, batch_size=t.batch_size)  # older checkpoints lack them
         elif main and (run / "checkpoints").exists():
             warn(f"no usable checkpoint in {run}/checkpoints; starting from step 0")
