@@ -9,10 +9,13 @@ gguf=$1 data=$2 results=$3
 p2s() { python3 -m phi2sum "$@"; }
 common=(--set "model.name=$gguf" --set "data.source=$data" --set data.cache_dir=/tmp/p2s-cache)
 nvidia-smi --query-gpu=name --format=csv,noheader
+# ONLY="batch512 continuous" runs just those variants (evals and trains by name).
+keep() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
 evals=("batch512:" "budget64k:--set generation.batch_tokens=64000" "budget160k:--set generation.batch_tokens=160000"
-       "static:--set generation.cache=static")
-for v in "${evals[@]:0:${EVALS:-99}}"; do
+       "static:--set generation.cache=static" "continuous:--set generation.engine=continuous")
+for v in "${evals[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
+  keep "$name" || continue
   s=$(date +%s.%N)
   p2s eval --config configs/smollm2.yaml "${common[@]}" "${extra[@]}" --out "/tmp/zs-$name" 2>&1 | grep -E "rouge1|error" 
   python3 - "$name" "/tmp/zs-$name/metrics.json" "$s" "$results" <<'PY'
@@ -32,6 +35,7 @@ trains=("lora:" "lora-nodrop:--set lora.dropout=0" "lora-nodrop-compile:--set lo
         "full-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.compile=true")
 for v in "${trains[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
+  keep "$name" || continue
   p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=80 \
     --set train.eval_every=0 --set train.early_stopping_patience=0 --set train.save_every=100000 --set train.log_every=10 --set train.keep_best=false \
     "${extra[@]}" --overwrite 2>&1 | grep -E "error|tokens/s" | tail -n 2

@@ -126,45 +126,72 @@ def plan_batches(lengths: list[int], order: list[int], gen: GenerationConfig) ->
 
 def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: GenerationConfig,
              on_batch=None) -> list[Generated]:
-    tok, model = loaded.tokenizer, loaded.model
+    tok = loaded.tokenizer
     prompts = [data_mod.fit_prompt(tok, d, loaded.fmt, instruction, gen.max_input_tokens) for d in dialogues]
     # Longest first: the largest batch runs first (an OOM shows at once) and batches share lengths.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][0]))
     results: list[Generated | None] = [None] * len(prompts)
-    device = loaded.hardware.device
-    stop = set(loaded.stop_ids)
-    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams,
-                  repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
-                  length_penalty=gen.length_penalty, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
-                  use_cache=True)
-    if gen.do_sample:
-        kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if gen.cache == "static":
-        kwargs["cache_implementation"] = "static"
+    run = _generate_continuous if gen.engine == "continuous" else _generate_padded
     for idx in plan_batches([len(prompts[i][0]) for i in order], order, gen):
-        width = max(len(prompts[i][0]) for i in idx)
-        # Left padding: every prompt ends at the same column, so new tokens line up across the batch.
-        input_ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = prompts[i][0]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-        new = out[:, width:].cpu().tolist()
-        for row, i in enumerate(idx):
-            tokens = new[row]
-            cut = next((k for k, t in enumerate(tokens) if t in stop), None)
-            kept = tokens if cut is None else tokens[:cut]
-            raw = tok.decode(kept, skip_special_tokens=True)
-            text, run_on = clean_summary(raw)
-            results[i] = Generated(text, raw, len(kept), cut is None, run_on, prompts[i][1])
+        for i, tokens in zip(idx, run(loaded, [prompts[i][0] for i in idx], gen)):
+            results[i] = _finish(loaded, tokens, prompts[i][1])
         if on_batch:
             on_batch(len(idx))
     return results  # type: ignore[return-value]
+
+
+def _finish(loaded: Loaded, tokens: list[int], truncated_input: bool) -> Generated:
+    """The summary from the new tokens: everything before the first stop token, decoded and cleaned."""
+    cut = next((k for k, t in enumerate(tokens) if t in loaded.stop_ids), None)
+    kept = tokens if cut is None else tokens[:cut]
+    raw = loaded.tokenizer.decode(kept, skip_special_tokens=True)
+    text, run_on = clean_summary(raw)
+    return Generated(text, raw, len(kept), cut is None, run_on, truncated_input)
+
+
+def _sampling(gen: GenerationConfig) -> dict:
+    if gen.do_sample:
+        return dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
+def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[int]]:
+    tok, model = loaded.tokenizer, loaded.model
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams,
+                  repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
+                  length_penalty=gen.length_penalty, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
+                  use_cache=True, **_sampling(gen))
+    if gen.cache == "static":
+        kwargs["cache_implementation"] = "static"
+    width = max(len(ids) for ids in prompts)
+    # Left padding: every prompt ends at the same column, so new tokens line up across the batch.
+    input_ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention[row, width - len(ids) :] = 1
+    device = loaded.hardware.device
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    return out[:, width:].cpu().tolist()
+
+
+def _generate_continuous(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[int]]:
+    """transformers' continuous batching: a paged KV cache holds only real tokens, and a dialogue that
+    stops frees its slot for the next one, so neither padding nor finished rows cost decoding steps."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    config = HFGenerationConfig(max_new_tokens=gen.max_new_tokens, eos_token_id=loaded.stop_ids,
+                                pad_token_id=loaded.tokenizer.pad_token_id, **_sampling(gen))
+    with torch.inference_mode():
+        out = loaded.model.generate_batch(prompts, generation_config=config)
+    # generate_batch logs failures and returns what it has; a missing or failed dialogue must not pass silently.
+    results = list(out.values())
+    failed = [r.error for r in results if r.error is not None]
+    if len(results) != len(prompts) or failed:
+        raise Phi2sumError(f"continuous batching returned {len(results) - len(failed)} of {len(prompts)} "
+                           f"summaries ({(failed or ['no error given'])[0]}); set generation.engine: padded")
+    return [list(r.generated_tokens) for r in results]
 
 
 # ----------------------------------------------------------------------------------------------------
