@@ -183,8 +183,9 @@ def _generate_continuous(loaded: Loaded, prompts: list[list[int]], gen: Generati
 
     config = HFGenerationConfig(max_new_tokens=gen.max_new_tokens, eos_token_id=loaded.stop_ids,
                                 pad_token_id=loaded.tokenizer.pad_token_id, **_sampling(gen))
-    with torch.inference_mode():
-        out = loaded.model.generate_batch(prompts, generation_config=config)
+    # No inference_mode here: generate_batch runs the model in a worker thread (inference mode is per thread),
+    # which would then be refused writes to the tensors this thread made under inference mode.
+    out = loaded.model.generate_batch(prompts, generation_config=config)
     # generate_batch logs failures and returns what it has; a missing or failed dialogue must not pass silently.
     results = list(out.values())
     failed = [r.error for r in results if r.error is not None]

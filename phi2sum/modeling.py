@@ -97,6 +97,12 @@ def convert_gguf(path: Path) -> Path:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         os.replace(tmp, out)
+    except OSError:
+        # Another process (a second `accelerate launch` rank, a parallel eval) finished the same
+        # conversion first: the content is identical, so keep theirs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
