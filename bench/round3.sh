@@ -16,10 +16,11 @@ python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); f
 mkdir -p "$out/multi_gpu_4bit" "$out/phi2_qlora" "$out/phi2_bf16"
 ( export CUDA_VISIBLE_DEVICES=0,1; CONFIG=configs/p100.yaml MP=fp16 timeout "$(left)" bash bench/multi_gpu.sh $data "$out/multi_gpu_4bit" ) > "$out/gpu01.log" 2>&1 &
 ( export CUDA_VISIBLE_DEVICES=2; timeout "$(left)" python3 bench/phi2_shape.py --data $data --out "$out/phi2_qlora" \
-    --only seed,p100,qlora-bf16-nodrop,gen-4bit-continuous,gen-4bit ) > "$out/gpu2.log" 2>&1 &
+    --only qlora-bf16-nodrop,seed,gen-4bit-continuous,gen-4bit,p100 ) > "$out/gpu2.log" 2>&1 &
 ( export CUDA_VISIBLE_DEVICES=3; timeout "$(left)" python3 bench/phi2_shape.py --data $data --out "$out/phi2_bf16" \
     --only bf16-nodrop,bf16-compile ) > "$out/gpu3.log" 2>&1 &
 wait
 for f in gpu01 gpu2 gpu3; do echo "== $f"; grep -v "^\s*$" "$out/$f.log" | tail -n 20 | cut -c1-220; done
-tar czf "$out/logs.tgz" -C "$out" gpu01.log gpu2.log gpu3.log && rm -f "$out"/gpu*.log
 cat "$out"/phi2_*/phi2_shape.md "$out/multi_gpu_4bit/multi_gpu.json" 2>/dev/null
+# One archive back: the device tool returns only a few files per call.
+tar czf /tmp/round3.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/round3.tgz "$out/"
