@@ -34,7 +34,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     update = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
-        update[key] = json.loads(value) if value not in ("padded", "continuous") else value
+        update[key] = json.loads(value)
     return name, update
 
 

@@ -160,14 +160,13 @@ def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: i
 
 
 def generation(model_dir: Path, data: Path, quant: str, batch: int, budget: int = 0, cache: str = "dynamic",
-               engine: str = "padded", n: int = 500, new_tokens: int = 64) -> dict:
+               n: int = 500, new_tokens: int = 64) -> dict:
     from phi2sum import evaluate
     from phi2sum.config import load_config
 
     cfg = load_config(None, [f"model.name={model_dir}", f"model.quantization={quant}", "data.prompt_format=plain",
                              f"generation.batch_size={batch}", f"generation.max_new_tokens={new_tokens}",
-                             f"generation.batch_tokens={budget}", f"generation.cache={cache}",
-                             f"generation.engine={engine}"])
+                             f"generation.batch_tokens={budget}", f"generation.cache={cache}"])
     loaded = evaluate.load_for_inference(cfg, None)
     loaded.stop_ids = [-1]  # random weights: force exactly new_tokens per dialogue, as the goal specifies
     dialogues = [r["dialogue"] for r in rows(data, "test")[:n]]
@@ -178,7 +177,7 @@ def generation(model_dir: Path, data: Path, quant: str, batch: int, budget: int 
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     result = {"name": f"generate {n} test dialogues, {quant}, batch {batch}"
-                      + (f" / {budget:,} cache tokens" if budget else "") + f", {cache} cache, {engine}, {new_tokens} new tokens",
+                      + (f" / {budget:,} cache tokens" if budget else "") + f", {cache} cache, {new_tokens} new tokens",
               "seconds": seconds, "dialogues_per_second": n / seconds,
               "mean_new_tokens": sum(g.new_tokens for g in gens) / len(gens),
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
@@ -279,8 +278,6 @@ def main():
         "gen-budget": (generation, model_dir, args.data, "none", 500, 160_000),
         "gen-static": (generation, model_dir, args.data, "none", 128, 0, "static"),
         "gen-4bit": (generation, model_dir, args.data, "4bit", 64),
-        "gen-continuous": (generation, model_dir, args.data, "none", 500, 0, "dynamic", "continuous"),
-        "gen-4bit-continuous": (generation, model_dir, args.data, "4bit", 500, 0, "dynamic", "continuous"),
         "bf16": (phi2sum_recipe, "phi2sum a100.yaml (bf16 LoRA, batch 16 x 2, no quantization)", a100,
                  model_dir, args.data, args.steps, []),
         "bf16-nodrop": (phi2sum_recipe, "a100.yaml, LoRA dropout 0", a100, model_dir, args.data, args.steps,

@@ -9,10 +9,10 @@ gguf=$1 data=$2 results=$3
 p2s() { python3 -m phi2sum "$@"; }
 common=(--set "model.name=$gguf" --set "data.source=$data" --set data.cache_dir=/tmp/p2s-cache)
 nvidia-smi --query-gpu=name --format=csv,noheader
-# ONLY="batch512 continuous" runs just those variants (evals and trains by name).
+# ONLY="batch512 static" runs just those variants (evals and trains by name).
 keep() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
 evals=("batch512:" "budget64k:--set generation.batch_tokens=64000" "budget160k:--set generation.batch_tokens=160000"
-       "static:--set generation.cache=static" "continuous:--set generation.engine=continuous")
+       "static:--set generation.cache=static")
 for v in "${evals[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
   keep "$name" || continue

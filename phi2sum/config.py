@@ -182,10 +182,6 @@ class GenerationConfig(_Section):
     batch_tokens: int = Field(0, ge=0)
     """Also cap each batch at this many tokens of KV cache, counted as rows x beams x (longest prompt +
     max_new_tokens); long dialogues then go in smaller batches, short ones in larger (0 = no cap)."""
-    engine: Literal["padded", "continuous"] = "padded"
-    """`padded`: transformers' generate over left-padded batches (every decoding option). `continuous`:
-    transformers' continuous batching (`generate_batch`): no padding, finished dialogues leave the batch at
-    once, new ones take their place; greedy or sampling only (no beams, repetition penalty or n-gram ban)."""
     cache: Literal["dynamic", "static"] = "dynamic"
     """KV cache: `dynamic` grows per token; `static` is allocated once per batch and transformers then
     compiles the decoding step (SmolLM2 on 500 dialogues: 44 s against 13 s dynamic, compiling dominates)."""
@@ -252,14 +248,6 @@ class RunConfig(_Section):
             out.append(f"train.precision {t.precision} is for GPUs; use fp32 (or auto) on CPU")
         if self.generation.do_sample and self.generation.num_beams > 1:
             out.append("generation.do_sample and num_beams > 1 do not mix; pick one")
-        g = self.generation
-        if g.engine == "continuous":
-            unsupported = [f"{k}={v}" for k, v, off in [("num_beams", g.num_beams, 1),
-                           ("repetition_penalty", g.repetition_penalty, 1.0),
-                           ("no_repeat_ngram_size", g.no_repeat_ngram_size, 0)] if v != off]
-            if unsupported:
-                out.append(f"generation.engine continuous decodes greedily or by sampling only; drop "
-                           f"{', '.join(unsupported)} or set generation.engine: padded")
         return out
 
 

@@ -131,9 +131,8 @@ def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: Genera
     # Longest first: the largest batch runs first (an OOM shows at once) and batches share lengths.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][0]))
     results: list[Generated | None] = [None] * len(prompts)
-    run = _generate_continuous if gen.engine == "continuous" else _generate_padded
     for idx in plan_batches([len(prompts[i][0]) for i in order], order, gen):
-        for i, tokens in zip(idx, run(loaded, [prompts[i][0] for i in idx], gen)):
+        for i, tokens in zip(idx, _generate_padded(loaded, [prompts[i][0] for i in idx], gen)):
             results[i] = _finish(loaded, tokens, prompts[i][1])
         if on_batch:
             on_batch(len(idx))
@@ -174,25 +173,6 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     return out[:, width:].cpu().tolist()
-
-
-def _generate_continuous(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[int]]:
-    """transformers' continuous batching: a paged KV cache holds only real tokens, and a dialogue that
-    stops frees its slot for the next one, so neither padding nor finished rows cost decoding steps."""
-    from transformers import GenerationConfig as HFGenerationConfig
-
-    config = HFGenerationConfig(max_new_tokens=gen.max_new_tokens, eos_token_id=loaded.stop_ids,
-                                pad_token_id=loaded.tokenizer.pad_token_id, **_sampling(gen))
-    # No inference_mode here: generate_batch runs the model in a worker thread (inference mode is per thread),
-    # which would then be refused writes to the tensors this thread made under inference mode.
-    out = loaded.model.generate_batch(prompts, generation_config=config)
-    # generate_batch logs failures and returns what it has; a missing or failed dialogue must not pass silently.
-    results = list(out.values())
-    failed = [r.error for r in results if r.error is not None]
-    if len(results) != len(prompts) or failed:
-        raise Phi2sumError(f"continuous batching returned {len(results) - len(failed)} of {len(prompts)} "
-                           f"summaries ({(failed or ['no error given'])[0]}); set generation.engine: padded")
-    return [list(r.generated_tokens) for r in results]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -96,16 +96,21 @@ def convert_gguf(path: Path) -> Path:
     try:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, out)
-    except OSError:
-        # Another process (a second `accelerate launch` rank, a parallel eval) finished the same
-        # conversion first: the content is identical, so keep theirs.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").is_file():
-            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return publish_dir(tmp, out)
+
+
+def publish_dir(tmp: Path, out: Path) -> Path:
+    """Move a finished model folder into place in one step. If another process (a second `accelerate
+    launch` rank, a parallel eval) published the same conversion first, theirs is kept: same content."""
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
     return out
 
 

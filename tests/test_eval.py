@@ -438,34 +438,6 @@ def test_token_budget_puts_long_prompts_in_smaller_batches(random_lm):
     assert [g.raw for g in a] == [g.raw for g in b]
 
 
-@pytest.mark.parametrize("lm", ["random_lm", "random_chat_lm"])
-def test_continuous_batching_gives_the_padded_engine_s_summaries(lm, request):
-    """generation.engine continuous (transformers' generate_batch) decodes the same greedy tokens as the
-    padded batches, returns them in input order, and stops each dialogue at its own stop token."""
-    loaded = request.getfixturevalue(lm)
-    padded = GenerationConfig(max_new_tokens=10, batch_size=4)
-    continuous = padded.model_copy(update={"engine": "continuous"})
-    a = evaluate.generate(loaded, DIALOGUES, INSTRUCTION, padded)
-    b = evaluate.generate(loaded, DIALOGUES, INSTRUCTION, continuous)
-    assert [(g.raw, g.new_tokens, g.hit_max) for g in a] == [(g.raw, g.new_tokens, g.hit_max) for g in b]
-
-
-def test_continuous_batching_stops_at_the_stop_token(tiny_model):
-    loaded = scripted_lm(tiny_model, chain(*TOM_IS_LATE, EOS))
-    gen = GenerationConfig(max_new_tokens=12, batch_size=2, engine="continuous")
-    for g in evaluate.generate(loaded, DIALOGUES, INSTRUCTION, gen):
-        assert (g.text, g.new_tokens, g.hit_max) == ("Tom is late.", 6, False)
-
-
-def test_continuous_batching_refuses_what_it_cannot_decode(tiny_model, tmp_path):
-    for setting in ("num_beams=4", "repetition_penalty=1.2", "no_repeat_ngram_size=3"):
-        raw = tiny_config_dict(tiny_model, tmp_path, generation={"engine": "continuous"})
-        key, value = setting.split("=")
-        raw["generation"][key] = float(value) if "." in value else int(value)
-        [problem] = RunConfig.model_validate(raw).problems()
-        assert f"drop {setting}" in problem and "generation.engine: padded" in problem
-
-
 def test_full_fine_tune_run_evaluates_against_its_base_and_stages_for_the_hub(tiny_model, tmp_path):
     """lora.enabled: false trains every weight; the run holds a whole model that eval, summarize and push
     load as they load an adapter, and --compare base scores the original weights."""

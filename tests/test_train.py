@@ -459,3 +459,23 @@ def test_resume_keeps_the_runs_rows_per_step_under_another_process_count():
         train_mod._resumed_micro_per_step({"micro_per_step": 3, "batch_size": 4}, t, 2, False)
     with pytest.raises(ConfigError, match="train.batch_size=8"):
         train_mod._resumed_micro_per_step({"micro_per_step": 2, "batch_size": 8}, t, 1, False)
+
+
+def test_a_conversion_published_by_another_process_first_is_kept(tmp_path):
+    """Two processes converting the same GGUF (ranks of one `accelerate launch`): the second to finish
+    finds the folder taken, keeps the finished copy and cleans up its own; a half-made target still fails."""
+    out = tmp_path / "smollm2-abc"
+    for name in ("first", "second"):
+        tmp = tmp_path / f".convert-{name}"
+        tmp.mkdir()
+        (tmp / "config.json").write_text(name)
+        (tmp / "model.safetensors").write_text(name)
+        assert modeling.publish_dir(tmp, out) == out
+        assert not tmp.exists()
+    assert (out / "config.json").read_text() == "first"
+    broken = tmp_path / "broken"
+    (broken / "stray").mkdir(parents=True)  # not empty, and no config.json: not a finished conversion
+    tmp = tmp_path / ".convert-third"
+    (tmp / "x").mkdir(parents=True)
+    with pytest.raises(OSError):
+        modeling.publish_dir(tmp, broken)
