@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# A record of what ran: the continuous-batching parts (generation.engine continuous, gen-*-continuous stages)
+# were removed after these measurements (docs/RESULTS.md); to rerun them use commit 7500770.
 # Third session, call 1 of 2 on a 4-GPU machine (GGUF at /tmp/m/smollm2.gguf; no bitsandbytes in this call):
 #   GPU0  generation engines: SmolLM2 zero-shot eval padded vs continuous batching (issue 5), then the
 #         Phi-2 shape bf16, 64 forced tokens: batches of 256 / token budget / continuous (issue 7)

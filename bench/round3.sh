@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# A record of what ran: the continuous-batching parts (generation.engine continuous, gen-*-continuous stages)
+# were removed after these measurements (docs/RESULTS.md); to rerun them use commit 7500770.
 # Third session, call 2 of 2 on the same 4-GPU machine (bitsandbytes carried; /tmp/phi2-shape may be left
 # from call 1):
 #   GPU0+1  4-bit QLoRA, one quantized copy per process: configs/p100.yaml, 1 process vs 2 (issue 8)

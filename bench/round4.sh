@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# A record of what ran: the continuous-batching parts (generation.engine continuous, gen-*-continuous stages)
+# were removed after these measurements (docs/RESULTS.md); to rerun them use commit 7500770.
 # Third session, last call (same warm 4-GPU machine as round2/3; GGUF at /tmp/m/smollm2.gguf; runs of round2
 # in /tmp/abl-*): what round2 lost to the inference-mode bug and the deadline.
 #   GPU0  SmolLM2 zero-shot eval of 500 test dialogues: padded vs continuous (issue 5)
