@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from phi2sum import data as data_mod
 from phi2sum import evaluate
-from phi2sum.config import load_config
+from phi2sum.config import GenerationConfig, load_config
 
 
 def sync():
@@ -34,7 +35,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     update = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
-        update[key] = json.loads(value)
+        update[key] = yaml.safe_load(value)  # YAML rules, as `--set` in the CLI
     return name, update
 
 
@@ -62,7 +63,7 @@ def main():
         if name in seen:
             continue
         seen.add(name)
-        gen = cfg.generation.model_copy(update=update)
+        gen = GenerationConfig.model_validate({**cfg.generation.model_dump(), **update})  # typos fail here
         sync()
         started = time.perf_counter()
         gens = evaluate.generate(loaded, rows.dialogues, cfg.data.instruction, gen)

@@ -13,9 +13,10 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=$run" --set train.save_every=100000 \
   "$@" --overwrite 2>&1 | tail -n 6
 for split in validation test; do
-  p2s eval --adapter "$run" "${common[@]}" --set "data.test_split=$split" --compare none --out "$run/eval-$split-greedy" \
+  p2s eval --adapter "$run" "${common[@]}" --set "data.test_split=$split" --set generation.num_beams=1 \
+    --set generation.length_penalty=1.0 --set generation.batch_size=512 --compare none --out "$run/eval-$split-greedy" \
     2>&1 | grep -E "rouge|words|ran past|hit max|dialogues/s"
-  p2s eval --adapter "$run" "${common[@]}" --set "data.test_split=$split" --set generation.num_beams=4 \
+  p2s eval --adapter "$run" "${common[@]}" --set "data.test_split=$split" --set generation.num_beams=4 --set generation.length_penalty=1.0 \
     --set generation.no_repeat_ngram_size=3 --set generation.batch_size=128 --compare none \
     --out "$run/eval-$split-beam4" 2>&1 | grep -E "rouge|words|ran past|hit max|dialogues/s"
 done

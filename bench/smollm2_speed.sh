@@ -8,6 +8,8 @@ set -uo pipefail
 gguf=$1 data=$2 results=$3
 p2s() { python3 -m phi2sum "$@"; }
 common=(--set "model.name=$gguf" --set "data.source=$data" --set data.cache_dir=/tmp/p2s-cache)
+# The speed probes time greedy decoding in batches of 512 (configs/smollm2.yaml ships beam search).
+greedy=(--set generation.num_beams=1 --set generation.length_penalty=1.0 --set generation.batch_size=512)
 nvidia-smi --query-gpu=name --format=csv,noheader
 # ONLY="batch512 static" runs just those variants (evals and trains by name).
 keep() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
@@ -17,7 +19,7 @@ for v in "${evals[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
   keep "$name" || continue
   s=$(date +%s.%N)
-  p2s eval --config configs/smollm2.yaml "${common[@]}" "${extra[@]}" --out "/tmp/zs-$name" 2>&1 | grep -E "rouge1|error" 
+  p2s eval --config configs/smollm2.yaml "${common[@]}" "${greedy[@]}" "${extra[@]}" --out "/tmp/zs-$name" 2>&1 | grep -E "rouge1|error" 
   python3 - "$name" "/tmp/zs-$name/metrics.json" "$s" "$results" <<'PY'
 import json, sys, time
 name, path, start, results = sys.argv[1:]

@@ -107,10 +107,11 @@ def publish_dir(tmp: Path, out: Path) -> Path:
     launch` rank, a parallel eval) published the same conversion first, theirs is kept: same content."""
     try:
         os.replace(tmp, out)
-    except OSError:
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "config.json").is_file():
-            raise
+            raise Phi2sumError(f"cannot put the converted model in {out} ({e.strerror}); delete that folder "
+                               "and run again") from None
     return out
 
 

@@ -362,9 +362,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
         _same_setup(run / "config.yaml", cfg)
 
     set_seed(t.seed)
-    path = modeling.base_path(cfg.model)
-    tokenizer = modeling.load_tokenizer(cfg.model, path)
-    with accelerator.main_process_first():  # one process tokenizes, the others read its cache
+    with accelerator.main_process_first():  # one process converts/tokenizes, the others read its caches
+        path = modeling.base_path(cfg.model)
+        tokenizer = modeling.load_tokenizer(cfg.model, path)
         prepared = data_mod.prepare(cfg.data, tokenizer, progress=info if main else None)
     if main:
         info(f"data: {prepared.report['splits'][cfg.data.train_split]['rows_kept']} train rows "

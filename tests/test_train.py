@@ -23,7 +23,7 @@ from conftest import ONE_THREAD, ROOT, tiny_config_dict
 from phi2sum import modeling
 from phi2sum import train as train_mod
 from phi2sum.cli import app
-from phi2sum.config import ConfigError, load_config
+from phi2sum.config import ConfigError, Phi2sumError, load_config
 from phi2sum.train import epoch_batches, lr_at, train
 
 runner = CliRunner()
@@ -477,5 +477,6 @@ def test_a_conversion_published_by_another_process_first_is_kept(tmp_path):
     (broken / "stray").mkdir(parents=True)  # not empty, and no config.json: not a finished conversion
     tmp = tmp_path / ".convert-third"
     (tmp / "x").mkdir(parents=True)
-    with pytest.raises(OSError):
+    with pytest.raises(Phi2sumError, match="delete that folder"):
         modeling.publish_dir(tmp, broken)
+    assert not tmp.exists()
