@@ -170,8 +170,15 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention[row, width - len(ids) :] = 1
     device = loaded.hardware.device
-    with torch.inference_mode():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    except torch.OutOfMemoryError:
+        cached = len(prompts) * gen.num_beams * (width + gen.max_new_tokens)
+        raise Phi2sumError(
+            f"out of GPU memory generating {len(prompts)} dialogues x {gen.num_beams} beam(s) x {width}+"
+            f"{gen.max_new_tokens} tokens: lower generation.batch_size (now {gen.batch_size}) or cap the cache "
+            f"with generation.batch_tokens (e.g. {max(1, cached // 2)})") from None
     return out[:, width:].cpu().tolist()
 
 

@@ -479,9 +479,17 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
             for j, m in enumerate(micro):
                 m = {k: v.to(device, non_blocking=True) for k, v in m.items()}
                 sync = j == len(micro) - 1
-                with (_Null() if sync or world == 1 else accelerator.no_sync(loss_model)), accelerator.autocast():
-                    loss = loss_model(**m) * world / global_tokens
-                accelerator.backward(loss)
+                try:
+                    with (_Null() if sync or world == 1 else accelerator.no_sync(loss_model)), accelerator.autocast():
+                        loss = loss_model(**m) * world / global_tokens
+                    accelerator.backward(loss)
+                except torch.OutOfMemoryError:
+                    rows, width = m["input_ids"].shape
+                    raise Phi2sumError(
+                        f"out of GPU memory at step {step + 1} (a micro-batch of {rows} rows x {width} tokens): lower "
+                        f"train.batch_size (raise train.grad_accum to keep the global batch), lower data.max_length, "
+                        f"or set train.gradient_checkpointing: true. Last checkpoint: "
+                        f"{latest_checkpoint(run) or 'none'}") from None
                 step_loss += loss.detach()
             step_loss = accelerator.reduce(step_loss, "sum") / world
             loss_value = step_loss.item()  # one host sync per optimizer step

@@ -475,3 +475,15 @@ def test_full_fine_tune_run_evaluates_against_its_base_and_stages_for_the_hub(ti
     assert "full fine-tune of every weight" in card and "LoRA r=" not in card
     result = runner.invoke(app, ["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 2 and "full fine-tune" in result.output
+
+
+def test_out_of_gpu_memory_in_generation_says_how_to_shrink_the_batch(random_lm):
+    class Full:  # the real model's interface, on a card that is full
+        def generate(self, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    loaded = evaluate.Loaded(Full(), random_lm.tokenizer, random_lm.fmt, random_lm.stop_ids, None, random_lm.hardware)
+    with pytest.raises(evaluate.Phi2sumError) as e:
+        evaluate.generate(loaded, DIALOGUES, INSTRUCTION, GenerationConfig(max_new_tokens=10, batch_size=4))
+    assert "out of GPU memory generating 4 dialogues" in str(e.value)
+    assert "generation.batch_size (now 4)" in str(e.value) and "generation.batch_tokens" in str(e.value)

@@ -480,3 +480,30 @@ def test_a_conversion_published_by_another_process_first_is_kept(tmp_path):
     with pytest.raises(Phi2sumError, match="delete that folder"):
         modeling.publish_dir(tmp, broken)
     assert not tmp.exists()
+
+
+def test_out_of_gpu_memory_is_one_line_that_says_what_to_lower(tmp_path, tiny_model, monkeypatch):
+    """An OOM mid-run (a long batch late in an epoch) names the micro-batch and the settings to lower, and
+    points at the last checkpoint, which is intact."""
+    config = write_config(tmp_path, tiny_model, train={"max_steps": 6, "save_every": 2, "eval_every": 0,
+                                                       "keep_best": False})
+    real_forward = train_mod.SummaryLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 4:  # 2 steps of 2 micro-batches, then the card is full
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.SummaryLoss, "forward", forward)
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    [line] = error_lines(result.output)
+    assert "out of GPU memory at step 3" in line and "rows x" in line
+    assert "train.batch_size" in line and "train.gradient_checkpointing" in line
+    last = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert f"Last checkpoint: {last}" in line
+    assert train_mod.valid_checkpoint(last)
