@@ -131,8 +131,34 @@ def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: Genera
     # Longest first: the largest batch runs first (an OOM shows at once) and batches share lengths.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][0]))
     results: list[Generated | None] = [None] * len(prompts)
-    for idx in plan_batches([len(prompts[i][0]) for i in order], order, gen):
-        for i, tokens in zip(idx, _generate_padded(loaded, [prompts[i][0] for i in idx], gen)):
+    # A card smaller than the config assumed still finishes: a batch that runs out of memory is halved,
+    # and later batches keep to the size that fitted (said once, so the config can be fixed).
+    limit = None
+    pending = plan_batches([len(prompts[i][0]) for i in order], order, gen)
+    while pending:
+        idx = pending.pop(0)
+        if limit and len(idx) > limit:
+            pending[:0] = [idx[:limit], idx[limit:]]
+            continue
+        try:
+            new_tokens = _generate_padded(loaded, [prompts[i][0] for i in idx], gen)
+        except torch.OutOfMemoryError:
+            width = max(len(prompts[i][0]) for i in idx)
+            if len(idx) == 1:
+                raise Phi2sumError(
+                    f"out of GPU memory generating one dialogue of {width}+{gen.max_new_tokens} tokens x "
+                    f"{gen.num_beams} beam(s): lower generation.max_input_tokens or generation.num_beams") from None
+            new_tokens = None
+        if new_tokens is None:  # outside the except block, so the failed batch's tensors are freed first
+            if loaded.hardware.device.type == "cuda":
+                torch.cuda.empty_cache()
+            limit = (len(idx) + 1) // 2
+            warn(f"out of GPU memory generating {len(idx)} dialogues x {width} prompt tokens at once; "
+                 f"continuing with at most {limit} per batch (set generation.batch_size or "
+                 f"generation.batch_tokens lower to start there)")
+            pending.insert(0, idx)
+            continue
+        for i, tokens in zip(idx, new_tokens):
             results[i] = _finish(loaded, tokens, prompts[i][1])
         if on_batch:
             on_batch(len(idx))
@@ -170,15 +196,8 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention[row, width - len(ids) :] = 1
     device = loaded.hardware.device
-    try:
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-    except torch.OutOfMemoryError:
-        cached = len(prompts) * gen.num_beams * (width + gen.max_new_tokens)
-        raise Phi2sumError(
-            f"out of GPU memory generating {len(prompts)} dialogues x {gen.num_beams} beam(s) x {width}+"
-            f"{gen.max_new_tokens} tokens: lower generation.batch_size (now {gen.batch_size}) or cap the cache "
-            f"with generation.batch_tokens (e.g. {max(1, cached // 2)})") from None
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     return out[:, width:].cpu().tolist()
 
 

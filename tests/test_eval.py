@@ -477,13 +477,33 @@ def test_full_fine_tune_run_evaluates_against_its_base_and_stages_for_the_hub(ti
     assert result.exit_code == 2 and "full fine-tune" in result.output
 
 
-def test_out_of_gpu_memory_in_generation_says_how_to_shrink_the_batch(random_lm):
-    class Full:  # the real model's interface, on a card that is full
+def test_a_batch_that_does_not_fit_the_gpu_is_halved_and_the_eval_finishes(random_lm, capsys):
+    """A card smaller than the config assumed: batches over 2 rows run out of memory. The batch is halved
+    (once, with a warning), later batches keep the size that fitted, and the summaries are the same."""
+    attempts = []
+
+    class Small:  # the real model, on a card that holds 2 rows at most
+        def generate(self, input_ids, **kwargs):
+            attempts.append(input_ids.shape[0])
+            if input_ids.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+            return random_lm.model.generate(input_ids=input_ids, **kwargs)
+
+    loaded = evaluate.Loaded(Small(), random_lm.tokenizer, random_lm.fmt, random_lm.stop_ids, None, random_lm.hardware)
+    gen = GenerationConfig(max_new_tokens=6, batch_size=5)
+    fitted = evaluate.generate(loaded, DIALOGUES, INSTRUCTION, gen)
+    plain = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, gen)
+    assert [g.raw for g in fitted] == [g.raw for g in plain]
+    assert attempts == [5, 3, 2, 1, 2]  # 5 fails, its first 3 fail, then at most 2 per batch: 2 + 1, 2
+    err = capsys.readouterr().err
+    assert err.count("out of GPU memory") == 2 and "at most 2 per batch" in err
+
+
+def test_one_dialogue_that_does_not_fit_is_one_clear_error(random_lm):
+    class Full:
         def generate(self, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
 
     loaded = evaluate.Loaded(Full(), random_lm.tokenizer, random_lm.fmt, random_lm.stop_ids, None, random_lm.hardware)
-    with pytest.raises(evaluate.Phi2sumError) as e:
-        evaluate.generate(loaded, DIALOGUES, INSTRUCTION, GenerationConfig(max_new_tokens=10, batch_size=4))
-    assert "out of GPU memory generating 4 dialogues" in str(e.value)
-    assert "generation.batch_size (now 4)" in str(e.value) and "generation.batch_tokens" in str(e.value)
+    with pytest.raises(evaluate.Phi2sumError, match="one dialogue of .* lower generation.max_input_tokens"):
+        evaluate.generate(loaded, DIALOGUES[:1], INSTRUCTION, GenerationConfig(max_new_tokens=10))
