@@ -70,7 +70,8 @@ def main():
         sync()
         seconds = time.perf_counter() - started
         row = evaluate.score_model(args.adapter, gens, rows.references, cfg, seconds)
-        row.update(variant=name, settings=update, split=args.split, n=len(gens), card=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        row.update(variant=name, settings=update, split=args.split, n=len(gens), card=card)
         with (args.out / f"{args.split}.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         with (args.out / f"{args.split}-{name}.predictions.jsonl").open("w") as fh:

@@ -23,8 +23,6 @@ from phi2sum import evaluate
 from phi2sum.config import load_config
 
 GREEDY = ["generation.num_beams=1", "generation.length_penalty=1.0"]
-
-
 CUDA = torch.cuda.is_available()  # the CPU path exists for a smoke test only
 
 

@@ -158,7 +158,8 @@ class TrainConfig(_Section):
     compile: bool = False
     """torch.compile the model body: embeddings, blocks, final norm (CUDA only; dynamic shapes, so varying lengths do not
     recompile): fewer, fused kernels after a slow first step. Experimental: on an H200 the Phi-2 shape with LoRA had
-    not finished its first 12 steps when the call's ~8 minutes ran out (compiling), so its steady-state gain is still unmeasured."""
+    not finished its first 12 steps when the call's ~8 minutes ran out (compiling), so its steady-state gain is
+    still unmeasured."""
 
 
 class GenerationConfig(_Section):

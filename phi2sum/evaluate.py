@@ -140,10 +140,10 @@ def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: Genera
         if limit and len(idx) > limit:
             pending[:0] = [idx[:limit], idx[limit:]]
             continue
+        width = max(len(prompts[i][0]) for i in idx)
         try:
             new_tokens = _generate_padded(loaded, [prompts[i][0] for i in idx], gen)
         except torch.OutOfMemoryError:
-            width = max(len(prompts[i][0]) for i in idx)
             if len(idx) == 1:
                 raise Phi2sumError(
                     f"out of GPU memory generating one dialogue of {width}+{gen.max_new_tokens} tokens x "
@@ -174,18 +174,16 @@ def _finish(loaded: Loaded, tokens: list[int], truncated_input: bool) -> Generat
     return Generated(text, raw, len(kept), cut is None, run_on, truncated_input)
 
 
-def _sampling(gen: GenerationConfig) -> dict:
-    if gen.do_sample:
-        return dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
-    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-
-
 def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[int]]:
     tok, model = loaded.tokenizer, loaded.model
-    kwargs = dict(max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams,
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams,
                   repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
                   length_penalty=gen.length_penalty, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
-                  use_cache=True, **_sampling(gen))
+                  use_cache=True)
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
     if gen.cache == "static":
         kwargs["cache_implementation"] = "static"
     width = max(len(ids) for ids in prompts)

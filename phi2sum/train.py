@@ -486,9 +486,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
                 except torch.OutOfMemoryError:
                     rows, width = m["input_ids"].shape
                     raise Phi2sumError(
-                        f"out of GPU memory at step {step + 1} (a micro-batch of {rows} rows x {width} tokens): lower "
-                        f"train.batch_size (raise train.grad_accum to keep the global batch), lower data.max_length, "
-                        f"or set train.gradient_checkpointing: true. Last checkpoint: "
+                        f"out of GPU memory at step {step + 1} (a micro-batch of {rows} rows x {width} tokens): "
+                        f"lower train.batch_size (raise train.grad_accum to keep the global batch), lower "
+                        f"data.max_length, or set train.gradient_checkpointing: true. Last checkpoint: "
                         f"{latest_checkpoint(run) or 'none'}") from None
                 step_loss += loss.detach()
             step_loss = accelerator.reduce(step_loss, "sum") / world
