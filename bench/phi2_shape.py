@@ -160,13 +160,14 @@ def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: i
 
 
 def generation(model_dir: Path, data: Path, quant: str, batch: int, budget: int = 0, cache: str = "dynamic",
-               n: int = 500, new_tokens: int = 64) -> dict:
+               graph: bool = True, n: int = 500, new_tokens: int = 64) -> dict:
     from phi2sum import evaluate
     from phi2sum.config import load_config
 
     cfg = load_config(None, [f"model.name={model_dir}", f"model.quantization={quant}", "data.prompt_format=plain",
                              f"generation.batch_size={batch}", f"generation.max_new_tokens={new_tokens}",
-                             f"generation.batch_tokens={budget}", f"generation.cache={cache}"])
+                             f"generation.batch_tokens={budget}", f"generation.cache={cache}",
+                             f"generation.cuda_graph={str(graph).lower()}"])
     loaded = evaluate.load_for_inference(cfg, None)
     loaded.stop_ids = [-1]  # random weights: force exactly new_tokens per dialogue, as the goal specifies
     dialogues = [r["dialogue"] for r in rows(data, "test")[:n]]
@@ -176,8 +177,10 @@ def generation(model_dir: Path, data: Path, quant: str, batch: int, budget: int 
     gens = evaluate.generate(loaded, dialogues, cfg.data.instruction, cfg.generation)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
+    graphed = evaluate.graph_decoding_applies(loaded, cfg.generation)
     result = {"name": f"generate {n} test dialogues, {quant}, batch {batch}"
-                      + (f" / {budget:,} cache tokens" if budget else "") + f", {cache} cache, {new_tokens} new tokens",
+                      + (f" / {budget:,} cache tokens" if budget else "") + f", {cache} cache, {new_tokens} new tokens"
+                      + (", CUDA graph loop" if graphed else ", transformers generate"),
               "seconds": seconds, "dialogues_per_second": n / seconds,
               "mean_new_tokens": sum(g.new_tokens for g in gens) / len(gens),
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
@@ -186,18 +189,21 @@ def generation(model_dir: Path, data: Path, quant: str, batch: int, budget: int 
     return result
 
 
-def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, overrides: tuple = ()) -> dict:
+def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, overrides: tuple = (),
+                 config: str = "configs/a100.yaml") -> dict:
     """Where one bf16 LoRA micro-batch's time goes: torch.profiler over 3 forward+backward passes of
-    phi2sum's own loss on real DialogSum rows (after 3 warm-up passes). Prints the top CUDA ops."""
+    phi2sum's own loss on real DialogSum rows (after 3 warm-up passes). Prints the top CUDA ops.
+    `config` + `model_dir` pick the model (a100.yaml: the Phi-2 shape; smollm2.yaml + the GGUF)."""
     from torch.profiler import ProfilerActivity, profile
 
     from phi2sum import data as data_mod, modeling
     from phi2sum.config import load_config
     from phi2sum.train import SummaryLoss, collate
 
-    cfg = load_config(ROOT / "configs/a100.yaml", [f"model.name={model_dir}", f"data.source={data}",
-                                                    "data.cache_dir=/tmp/bench-cache", *overrides])
+    cfg = load_config(ROOT / config, [f"model.name={model_dir}", f"data.source={data}",
+                                      "data.cache_dir=/tmp/bench-cache", *overrides])
     hw = modeling.pick_hardware(cfg.train)
+    model_dir = modeling.base_path(cfg.model)  # a GGUF becomes a plain checkpoint, as in train
     tok = modeling.load_tokenizer(cfg.model, str(model_dir))
     prepared = data_mod.prepare(cfg.data, tok)
     ds = prepared.splits["train"]
@@ -227,7 +233,8 @@ def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, override
     kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 3
     print(events.table(sort_by="self_device_time_total", row_limit=18), flush=True)
     tokens = int(batch["attention_mask"].sum())
-    row = {"name": f"profile: one micro-batch fwd+bwd, {rows_per_batch} rows, {tokens} real tokens, {list(overrides)}",
+    row = {"name": f"profile {config}: one micro-batch fwd+bwd, {rows_per_batch} rows, {tokens} real tokens, "
+                   f"{list(overrides)}",
            "wall_seconds": wall, "gpu_busy_seconds": cuda_total, "gpu_busy_share": cuda_total / wall,
            "kernel_launches": kernels, "micro_batch_tokens_per_second": tokens / wall}
     del model, loss_model
@@ -243,10 +250,14 @@ def main():
     ap.add_argument("--seed-steps", type=int, default=30, help="steps of the seed recipe (4 rows each)")
     ap.add_argument("--only", default="seed,p100,qlora-bf16,bf16,gen,gen-4bit",
                     help="comma-separated stages, run in this order (see `stages` in main)")
+    ap.add_argument("--smollm2", default="/tmp/m/smollm2.gguf", help="the SmolLM2 GGUF, for profile-smollm2")
     args = ap.parse_args()
     import transformers, peft
 
-    model_dir = build_model(args.data, Path("/tmp/phi2-shape"))
+    only = args.only.split(",")
+    # The SmolLM2 profiles need no Phi-2-shaped checkpoint (building one takes a minute and 5 GB).
+    phi2 = any(not n.startswith("profile-smollm2") for n in only)
+    model_dir = build_model(args.data, Path("/tmp/phi2-shape")) if phi2 else None
     results = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "transformers": transformers.__version__, "peft": peft.__version__, "runs": []}
 
@@ -276,7 +287,10 @@ def main():
         "gen": (generation, model_dir, args.data, "none", 256),
         "gen-128": (generation, model_dir, args.data, "none", 128),
         "gen-budget": (generation, model_dir, args.data, "none", 500, 160_000),
+        "gen-budget-generate": (generation, model_dir, args.data, "none", 500, 160_000, "dynamic", False),
         "gen-static": (generation, model_dir, args.data, "none", 128, 0, "static"),
+        "profile-smollm2": (profile_step, args.smollm2, args.data, 32, (), "configs/smollm2.yaml"),
+        "profile-smollm2-128": (profile_step, args.smollm2, args.data, 128, ("lora.dropout=0",), "configs/smollm2.yaml"),
         "gen-4bit": (generation, model_dir, args.data, "4bit", 64),
         "bf16": (phi2sum_recipe, "phi2sum a100.yaml (bf16 LoRA, batch 16 x 2, no quantization)", a100,
                  model_dir, args.data, args.steps, []),
@@ -294,7 +308,7 @@ def main():
         "qlora-bf16-nodrop": (phi2sum_recipe, "QLoRA bf16, LoRA dropout 0", "configs/p100.yaml", model_dir, args.data,
                               args.steps, qlora + ["lora.dropout=0"]),
     }
-    for name in args.only.split(","):
+    for name in only:
         fn, *a = stages[name]
         record(fn, *a)
     seed = next((r for r in results["runs"] if r["name"].startswith("seed")), None)

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 # ONLY="batch512 static" runs just those variants (evals and trains by name).
 keep() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
 evals=("batch512:" "budget64k:--set generation.batch_tokens=64000" "budget160k:--set generation.batch_tokens=160000"
-       "static:--set generation.cache=static")
+       "static:--set generation.cache=static" "generate:--set generation.cuda_graph=false")
 for v in "${evals[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
   keep "$name" || continue
@@ -34,6 +34,7 @@ PY
 done
 trains=("lora:" "lora-nodrop:--set lora.dropout=0" "lora-nodrop-compile:--set lora.dropout=0 --set train.compile=true"
         "full:--set lora.enabled=false --set train.learning_rate=1e-4" "lora-nodrop-b64:--set lora.dropout=0 --set train.batch_size=64"
+        "lora-nodrop-b128:--set lora.dropout=0 --set train.batch_size=128"
         "full-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.compile=true")
 for v in "${trains[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"

@@ -10,6 +10,7 @@ all dialogue-reference pairs (1,500 pairs for 500 dialogues); confidence interva
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -194,9 +195,115 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention[row, width - len(ids) :] = 1
     device = loaded.hardware.device
+    if device.type == "cuda" and graph_decoding_applies(loaded, gen):
+        with torch.inference_mode():
+            return greedy_static(loaded, input_ids, attention, gen, graph=True)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     return out[:, width:].cpu().tolist()
+
+
+def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
+    """Plain greedy decoding of an unquantized model, with a transformers whose static cache counts its
+    own length on the GPU (5.x): the case greedy_static serves; everything else goes through generate."""
+    from transformers import StaticCache
+
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    plain = (gen.cuda_graph and gen.num_beams == 1 and not gen.do_sample and gen.repetition_penalty == 1.0
+             and gen.no_repeat_ngram_size == 0 and gen.cache == "dynamic")
+    quantized = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+    if not plain or quantized:
+        return False
+    try:
+        layers = StaticCache(config=base.config, max_cache_len=8).layers
+    except Exception:  # an older transformers with another StaticCache signature
+        return False
+    return bool(layers) and all(hasattr(layer, "cumulative_length") for layer in layers)
+
+
+def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
+                  graph: bool) -> list[list[int]]:
+    """Greedy decoding of one left-padded batch with a static KV cache; with `graph` (CUDA) the decoding
+    step is captured once as a CUDA graph and replayed for every token.
+
+    Why not generate(): for a small model its per-token Python and kernel launches, not the GPU, set the
+    pace (SmolLM2-135M, 500 dialogues: ~0.1 s per token whatever the batch size). A captured step replays
+    in one launch, and the static cache is written in place instead of grown by concatenation. The tokens
+    are generate()'s greedy tokens (tested on CPU without the graph): same masks, positions and argmax.
+    Rows that stop early keep decoding (cut at their stop token afterwards); the loop ends when all have."""
+    from transformers import StaticCache
+
+    model, device = loaded.model, loaded.hardware.device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = base.get_input_embeddings().weight.dtype
+    rows, width = input_ids.shape
+    total = width + gen.max_new_tokens
+    cache = StaticCache(config=base.config, max_cache_len=total)
+    # transformers 5.x names the argument `cache` (`past_key_values` before, kept as a deprecated alias)
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    ids, real = input_ids.to(device), attention.to(device).bool()
+    pad = (~real).sum(1)
+    cols = torch.arange(total, device=device)
+    blocked = torch.finfo(dtype).min
+
+    # Prefill: prompt token i sees tokens j <= i of its own row; a padding position sees only itself
+    # (a row with nothing to attend to would turn into NaN and spread through the cache).
+    q = torch.arange(width, device=device)[None, :, None]
+    allowed = ((cols <= q) & (cols >= pad[:, None, None])) | (cols == q)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)[:, None]
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   **{cache_arg: cache}).logits
+    del mask, allowed
+    first = logits[:, -1].argmax(-1)
+    stops = torch.tensor(loaded.stop_ids, device=device)
+    tokens = torch.full((rows, gen.max_new_tokens), loaded.tokenizer.pad_token_id, dtype=torch.long, device=device)
+    tokens[:, 0] = first
+    done = (first[:, None] == stops).any(1)
+
+    # Decoding state lives in tensors updated in place, so one captured step serves every token.
+    current = first[:, None].clone()
+    position = real.sum(1, keepdim=True)  # the next token's position: the row's length so far
+    column = torch.tensor([width], device=device)  # the cache slot the next token is written to
+    out_col = torch.tensor([1], device=device)
+    step_mask = torch.zeros((rows, 1, 1, total), dtype=dtype, device=device)
+    step_mask.masked_fill_(((cols < pad[:, None]) | (cols > width))[:, None, None], blocked)
+
+    def step():
+        nxt = model(input_ids=current, attention_mask=step_mask, position_ids=position, use_cache=True,
+                    **{cache_arg: cache}).logits[:, -1].argmax(-1)
+        tokens.index_copy_(1, out_col, nxt[:, None])
+        done.logical_or_((nxt[:, None] == stops).any(1))
+        current.copy_(nxt[:, None])
+        position.add_(1)
+        out_col.add_(1)
+        column.add_(1)
+        step_mask.index_fill_(3, column, 0.0)
+
+    steps, ran = gen.max_new_tokens - 1, 0
+    run = step
+    if graph and steps > 1:
+        # The first step runs for real on a side stream (warms kernels and workspaces, as capture requires);
+        # capturing records the second without running it.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        ran = 1
+        captured = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(captured):
+                step()
+            run = captured.replay
+        except RuntimeError as e:  # capture records nothing it ran: the state is intact, decode without it
+            warn(f"could not capture the decoding step as a CUDA graph ({str(e).splitlines()[0][:120]}); "
+                 "decoding without it (set generation.cuda_graph: false to skip the attempt)")
+    for k in range(ran, steps):
+        if k % 8 == 0 and bool(done.all()):  # one host sync every 8 tokens
+            break
+        run()
+    return tokens.cpu().tolist()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -507,3 +507,61 @@ def test_one_dialogue_that_does_not_fit_is_one_clear_error(random_lm):
     loaded = evaluate.Loaded(Full(), random_lm.tokenizer, random_lm.fmt, random_lm.stop_ids, None, random_lm.hardware)
     with pytest.raises(evaluate.Phi2sumError, match="one dialogue of .* lower generation.max_input_tokens"):
         evaluate.generate(loaded, DIALOGUES[:1], INSTRUCTION, GenerationConfig(max_new_tokens=10))
+
+
+def _padded_batch(loaded: evaluate.Loaded, gen: GenerationConfig):
+    prompts = [data_mod.fit_prompt(loaded.tokenizer, d, loaded.fmt, INSTRUCTION, gen.max_input_tokens)[0]
+               for d in DIALOGUES]
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def gqa_lm(tiny_model, tmp_path_factory) -> evaluate.Loaded:
+    """A tiny Llama with grouped-query attention (SmolLM2's architecture), random weights."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = modeling.fix_tokenizer(AutoTokenizer.from_pretrained(tiny_model))
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                         max_position_embeddings=2048, tie_word_embeddings=True,
+                                         initializer_range=0.3)).eval()
+    hw = modeling.Hardware(torch.device("cpu"), torch.float32, "cpu")
+    return evaluate.Loaded(model, tok, "plain", data_mod.stop_ids(tok, "plain"), None, hw)
+
+
+@pytest.mark.parametrize("lm", ["random_lm", "gqa_lm"])
+def test_static_cache_greedy_loop_gives_generates_tokens(lm, request):
+    """The GPU's graph-replayed greedy loop, run eagerly on CPU, produces transformers' greedy tokens for a
+    left-padded batch (Phi, and Llama with grouped-query attention), including rows that stop early."""
+    from dataclasses import replace
+
+    loaded = request.getfixturevalue(lm)
+    gen = GenerationConfig(max_new_tokens=12)
+    ids, mask = _padded_batch(loaded, gen)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    endless = replace(loaded, stop_ids=[-1])
+    reference = evaluate._generate_padded(endless, prompts, gen)
+    assert evaluate.greedy_static(endless, ids, mask, gen, graph=False) == reference
+    assert len({tuple(r) for r in reference}) > 1  # the rows really differ
+    # A token some rows produce mid-way becomes the stop token: those rows end there, the others go on.
+    stop = reference[0][4]
+    stopping = replace(loaded, stop_ids=[stop])
+    reference = evaluate._generate_padded(stopping, prompts, gen)
+    ours = evaluate.greedy_static(stopping, ids, mask, gen, graph=False)
+    cuts = [next((k for k, t in enumerate(r) if t == stop), None) for r in reference]
+    assert cuts[0] == 4 and None in cuts
+    for want, got, cut in zip(reference, ours, cuts):
+        assert got[: None if cut is None else cut + 1] == want[: None if cut is None else cut + 1]
+
+
+def test_graph_decoding_applies_only_to_plain_greedy(random_lm):
+    assert evaluate.graph_decoding_applies(random_lm, GenerationConfig())
+    for change in ({"num_beams": 2}, {"do_sample": True}, {"repetition_penalty": 1.2},
+                   {"no_repeat_ngram_size": 3}, {"cuda_graph": False}, {"cache": "static"}):
+        assert not evaluate.graph_decoding_applies(random_lm, GenerationConfig(**change))
