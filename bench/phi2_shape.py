@@ -254,6 +254,7 @@ def main():
     args = ap.parse_args()
     import transformers, peft
 
+    args.out.mkdir(parents=True, exist_ok=True)
     only = args.only.split(",")
     # The SmolLM2 profiles need no Phi-2-shaped checkpoint (building one takes a minute and 5 GB).
     phi2 = any(not n.startswith("profile-smollm2") for n in only)

@@ -35,6 +35,9 @@ done
 trains=("lora:" "lora-nodrop:--set lora.dropout=0" "lora-nodrop-compile:--set lora.dropout=0 --set train.compile=true"
         "full:--set lora.enabled=false --set train.learning_rate=1e-4" "lora-nodrop-b64:--set lora.dropout=0 --set train.batch_size=64"
         "lora-nodrop-b128:--set lora.dropout=0 --set train.batch_size=128"
+        "lora-nodrop-b128-compile:--set lora.dropout=0 --set train.batch_size=128 --set train.compile=true"
+        "full-b128:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128"
+        "full-b128-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true"
         "full-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.compile=true")
 for v in "${trains[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
