@@ -196,7 +196,8 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
         attention[row, width - len(ids) :] = 1
     device = loaded.hardware.device
     if device.type == "cuda" and graph_decoding_applies(loaded, gen):
-        with torch.inference_mode():
+        # The device context: under `accelerate launch` each process's streams and graph belong to its GPU.
+        with torch.inference_mode(), torch.cuda.device(device):
             return greedy_static(loaded, input_ids, attention, gen, graph=True)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
@@ -296,6 +297,8 @@ def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
             with torch.cuda.graph(captured):
                 step()
             run = captured.replay
+        except torch.OutOfMemoryError:
+            raise  # the caller halves the batch
         except RuntimeError as e:  # capture records nothing it ran: the state is intact, decode without it
             warn(f"could not capture the decoding step as a CUDA graph ({str(e).splitlines()[0][:120]}); "
                  "decoding without it (set generation.cuda_graph: false to skip the attempt)")
