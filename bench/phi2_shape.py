@@ -189,6 +189,45 @@ def generation(model_dir: Path, data: Path, quant: str, batch: int, budget: int 
     return result
 
 
+def generation_pair(model_dir: Path, data: Path, quant: str, batch: int, budget: int = 0, n: int = 500,
+                    new_tokens: int = 64) -> dict:
+    """transformers' generate vs phi2sum's CUDA-graph greedy loop on one loaded model, each after its own
+    warm-up: dialogues/s and the share of dialogues whose tokens are identical. The loop is forced on even
+    where phi2sum would not pick it (4-bit), to measure whether it should."""
+    from phi2sum import evaluate
+    from phi2sum.config import load_config
+
+    cfg = load_config(None, [f"model.name={model_dir}", f"model.quantization={quant}", "data.prompt_format=plain",
+                             f"generation.batch_size={batch}", f"generation.max_new_tokens={new_tokens}",
+                             f"generation.batch_tokens={budget}"])
+    loaded = evaluate.load_for_inference(cfg, None)
+    loaded.stop_ids = [-1]
+    dialogues = [r["dialogue"] for r in rows(data, "test")[:n]]
+    applies = evaluate.graph_decoding_applies
+    result = {"name": f"generate vs graph loop, {n} test dialogues, {quant}, batch {batch}"
+                      + (f" / {budget:,} cache tokens" if budget else "") + f", {new_tokens} new tokens",
+              "graph_loop_chosen_by_phi2sum": applies(loaded, cfg.generation)}
+    outputs = {}
+    try:
+        for name, use in (("generate", False), ("graph", True)):
+            evaluate.graph_decoding_applies = lambda loaded, gen, use=use: use
+            evaluate.generate(loaded, dialogues[:batch], cfg.data.instruction, cfg.generation)  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            outputs[name] = evaluate.generate(loaded, dialogues, cfg.data.instruction, cfg.generation)
+            torch.cuda.synchronize()
+            result[f"{name}_dialogues_per_second"] = n / (time.perf_counter() - t)
+    finally:
+        evaluate.graph_decoding_applies = applies
+    result["identical_share"] = sum(a.raw == b.raw for a, b in zip(outputs["generate"], outputs["graph"])) / n
+    result["dialogues_per_second"] = result["graph_dialogues_per_second"]
+    result["seconds"] = n / result["graph_dialogues_per_second"]
+    result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    del loaded
+    cleanup()
+    return result
+
+
 def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, overrides: tuple = (),
                  config: str = "configs/a100.yaml") -> dict:
     """Where one bf16 LoRA micro-batch's time goes: torch.profiler over 3 forward+backward passes of
@@ -293,6 +332,8 @@ def main():
         "profile-smollm2": (profile_step, args.smollm2, args.data, 32, (), "configs/smollm2.yaml"),
         "profile-smollm2-128": (profile_step, args.smollm2, args.data, 128, ("lora.dropout=0",), "configs/smollm2.yaml"),
         "gen-4bit": (generation, model_dir, args.data, "4bit", 64),
+        "pair-4bit-budget": (generation_pair, model_dir, args.data, "4bit", 500, 24_000),
+        "pair-bf16-budget": (generation_pair, model_dir, args.data, "none", 500, 160_000),
         "bf16": (phi2sum_recipe, "phi2sum a100.yaml (bf16 LoRA, batch 16 x 2, no quantization)", a100,
                  model_dir, args.data, args.steps, []),
         "bf16-nodrop": (phi2sum_recipe, "a100.yaml, LoRA dropout 0", a100, model_dir, args.data, args.steps,
@@ -328,7 +369,10 @@ def main():
     lines += ["", "| generation | dialogues/s | s | peak reserved GiB |", "| --- | ---: | ---: | ---: |"]
     for r in results["runs"]:
         if "dialogues_per_second" in r:
-            lines.append(f"| {r['name']} | {r['dialogues_per_second']:.1f} | {r['seconds']:.1f} | {r['peak_reserved_gib']:.1f} |")
+            extra = (f" (generate {r['generate_dialogues_per_second']:.1f}/s, {r['identical_share']:.0%} identical)"
+                     if "identical_share" in r else "")
+            lines.append(f"| {r['name']}{extra} | {r['dialogues_per_second']:.1f} | {r['seconds']:.1f} | "
+                         f"{r['peak_reserved_gib']:.1f} |")
     lines += ["", "| profile | wall s | GPU busy | kernels | tokens/s (one micro-batch) |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in results["runs"]:
         if "gpu_busy_share" in r:
