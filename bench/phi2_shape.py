@@ -127,17 +127,22 @@ def seed_recipe(model_dir: Path, data: Path, steps: int) -> dict:
     return result
 
 
+LEVERS = ("fuse_gelu", "keep_lora_inputs_in_compute_dtype", "norms_in_compute_dtype")
+
+
 def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: int, overrides: list[str],
-                   levers: bool = True) -> dict:
+                   levers: bool | tuple = True) -> dict:
     """levers=False runs the same config with the fused GELU and the LoRA-input cast skip switched off
-    (the code as it was before them), so their gain is measured in the same call."""
+    (the code as it was before them); a tuple names the modeling levers to switch off. Either way their
+    gain is measured in the same call."""
     from phi2sum import modeling
     from phi2sum.config import load_config
     from phi2sum.train import train
 
-    saved = modeling.fuse_gelu, modeling.keep_lora_inputs_in_compute_dtype
-    if not levers:
-        modeling.fuse_gelu = modeling.keep_lora_inputs_in_compute_dtype = lambda model: None
+    saved = {n: getattr(modeling, n) for n in LEVERS}
+    off = LEVERS[:2] if levers is False else (levers if isinstance(levers, tuple) else ())
+    for n in off:
+        setattr(modeling, n, lambda model: None)
 
     out = Path(f"/tmp/bench-runs/{name}")
     cfg = load_config(ROOT / config, [f"model.name={model_dir}", f"data.source={data}", f"train.output_dir={out}",
@@ -147,7 +152,8 @@ def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: i
     try:
         result = train(cfg, overwrite=True)
     finally:
-        modeling.fuse_gelu, modeling.keep_lora_inputs_in_compute_dtype = saved
+        for n, fn in saved.items():
+            setattr(modeling, n, fn)
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in log if r["kind"] == "train" and r["step"] > 3]  # first steps: warm-up, allocator growth
     tps = sum(r["tokens_per_second"] for r in timed) / len(timed)
@@ -340,6 +346,13 @@ def main():
                         ["lora.dropout=0"]),
         "bf16-nodrop-before": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, without fused GELU / cast skip", a100,
                                model_dir, args.data, args.steps, ["lora.dropout=0"], False),
+        "bf16-nodrop-fp32-norms": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, LayerNorm left to autocast (fp32)", a100,
+                                   model_dir, args.data, args.steps, ["lora.dropout=0"], ("norms_in_compute_dtype",)),
+        "qlora-bf16-nodrop-fp32-norms": (phi2sum_recipe, "QLoRA bf16, LoRA dropout 0, LayerNorm left to autocast (fp32)",
+                                         "configs/p100.yaml", model_dir, args.data, args.steps, qlora + ["lora.dropout=0"],
+                                         ("norms_in_compute_dtype",)),
+        "p100-fp32-norms": (phi2sum_recipe, "p100.yaml, LayerNorm left to autocast (fp32)", "configs/p100.yaml", model_dir,
+                            args.data, args.steps, [], ("norms_in_compute_dtype",)),
         "bf16-compile": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, torch.compile", a100, model_dir, args.data,
                          args.steps, ["lora.dropout=0", "train.compile=true"]),
         "bf16-32": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, batch 32 x 1", a100, model_dir, args.data,

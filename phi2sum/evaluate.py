@@ -205,15 +205,16 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
 
 
 def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
-    """Plain greedy decoding of an unquantized model, with a transformers whose static cache counts its
-    own length on the GPU (5.x): the case greedy_static serves; everything else goes through generate."""
+    """Plain greedy decoding (bf16/fp16 or 4-bit), with a transformers whose static cache counts its own
+    length on the GPU (5.x): the case greedy_static serves; everything else goes through generate."""
     from transformers import StaticCache
 
     base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
     plain = (gen.cuda_graph and gen.num_beams == 1 and not gen.do_sample and gen.repetition_penalty == 1.0
              and gen.no_repeat_ngram_size == 0 and gen.cache == "dynamic")
-    quantized = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
-    if not plain or quantized:
+    # 4-bit NF4 captures and replays (Phi-2 shape on an H200: 69.9 vs 20.9 dialogues/s); 8-bit's outlier
+    # handling was never tried in a graph.
+    if not plain or getattr(base, "is_loaded_in_8bit", False):
         return False
     try:
         layers = StaticCache(config=base.config, max_cache_len=8).layers

@@ -11,10 +11,12 @@ import json
 import os
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import ConfigError, LoraSettings, ModelConfig, Phi2sumError, TrainConfig
 
@@ -278,6 +280,25 @@ def keep_lora_inputs_in_compute_dtype(model) -> None:
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
+
+
+def norms_in_compute_dtype(model) -> int:
+    """For training under autocast only. Autocast runs LayerNorm in fp32 and hands its fp32 output to every
+    linear layer reading it (Phi-2: q, k, v and fc1 and their LoRA paths), each of which casts it back to
+    bf16/fp16: several activation-sized copies per layer, forward and backward. On a bf16/fp16 input the
+    LayerNorm kernel already accumulates in fp32; run outside autocast it returns the compute dtype.
+    Returns how many LayerNorms were switched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    for module in norms:
+        module.forward = types.MethodType(_layer_norm_outside_autocast, module)
+    return len(norms)
+
+
+def _layer_norm_outside_autocast(self, x):
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        weight = None if self.weight is None else self.weight.to(x.dtype)  # 4-bit prep keeps norms in fp32
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 def read_adapter_base(adapter: str) -> str | None:

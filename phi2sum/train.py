@@ -381,6 +381,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     model = modeling.add_lora(model, cfg.lora, t, quantized)
     if mixed != "no":
         modeling.keep_lora_inputs_in_compute_dtype(model)
+        modeling.norms_in_compute_dtype(model)
     if t.compile:
         if accelerator.device.type == "cuda":
             modeling.compile_body(model)

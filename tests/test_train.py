@@ -507,3 +507,27 @@ def test_out_of_gpu_memory_is_one_line_that_says_what_to_lower(tmp_path, tiny_mo
     last = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert f"Last checkpoint: {last}" in line
     assert train_mod.valid_checkpoint(last)
+
+
+def test_layer_norms_outside_autocast_return_the_compute_dtype_with_the_same_values(tiny_model):
+    """CUDA's autocast runs LayerNorm in fp32 and returns fp32 (then every reader casts it back; CPU
+    autocast has no such rule, so the fp32 result is computed here by hand); switched, it returns the
+    compute dtype with the fp32 result's values rounded once, and gradients still flow."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    norm = model.model.layers[0].input_layernorm
+    x = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    before = torch.nn.functional.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(),
+                                            norm.bias.float(), norm.eps)
+    assert modeling.norms_in_compute_dtype(model) == model.config.num_hidden_layers + 1
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = norm(x)
+    assert after.dtype == torch.bfloat16
+    assert torch.allclose(after.float(), before, atol=2e-2, rtol=1e-2)
+    after.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(ids).logits.float()).all()
