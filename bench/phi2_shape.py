@@ -348,6 +348,8 @@ def main():
                                model_dir, args.data, args.steps, ["lora.dropout=0"], False),
         "bf16-nodrop-fp32-norms": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, LayerNorm left to autocast (fp32)", a100,
                                    model_dir, args.data, args.steps, ["lora.dropout=0"], ("norms_in_compute_dtype",)),
+        "qlora-bf16-nodrop-32": (phi2sum_recipe, "QLoRA bf16, LoRA dropout 0, batch 32 x 1", "configs/p100.yaml", model_dir,
+                                 args.data, args.steps, qlora + ["lora.dropout=0", "train.batch_size=32", "train.grad_accum=1"]),
         "qlora-bf16-nodrop-fp32-norms": (phi2sum_recipe, "QLoRA bf16, LoRA dropout 0, LayerNorm left to autocast (fp32)",
                                          "configs/p100.yaml", model_dir, args.data, args.steps, qlora + ["lora.dropout=0"],
                                          ("norms_in_compute_dtype",)),
