@@ -220,7 +220,9 @@ def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
         layers = StaticCache(config=base.config, max_cache_len=8).layers
     except Exception:  # an older transformers with another StaticCache signature
         return False
-    return bool(layers) and all(hasattr(layer, "cumulative_length") for layer in layers)
+    # Only full-attention layers: a sliding-window layer keeps fewer columns than the loop's mask has.
+    return bool(layers) and all(type(layer).__name__ == "StaticLayer" and hasattr(layer, "cumulative_length")
+                                for layer in layers)
 
 
 def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,

@@ -565,3 +565,11 @@ def test_graph_decoding_applies_only_to_plain_greedy(random_lm):
     for change in ({"num_beams": 2}, {"do_sample": True}, {"repetition_penalty": 1.2},
                    {"no_repeat_ngram_size": 3}, {"cuda_graph": False}, {"cache": "static"}):
         assert not evaluate.graph_decoding_applies(random_lm, GenerationConfig(**change))
+    # Sliding-window attention keeps fewer cache columns than the loop's masks: left to generate.
+    from dataclasses import replace
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, sliding_window=16))
+    assert not evaluate.graph_decoding_applies(replace(random_lm, model=sliding), GenerationConfig())
