@@ -132,9 +132,9 @@ LEVERS = ("fuse_gelu", "keep_lora_inputs_in_compute_dtype", "norms_in_compute_dt
 
 def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: int, overrides: list[str],
                    levers: bool | tuple = True) -> dict:
-    """levers=False runs the same config with the fused GELU and the LoRA-input cast skip switched off
-    (the code as it was before them); a tuple names the modeling levers to switch off. Either way their
-    gain is measured in the same call."""
+    """levers=False runs the same config with the fused GELU and the LoRA-input cast skip switched off (the
+    session-2 comparison; the later LayerNorm lever stays on); a tuple names the modeling levers to switch
+    off. Either way their gain is measured in the same call."""
     from phi2sum import modeling
     from phi2sum.config import load_config
     from phi2sum.train import train

@@ -21,8 +21,8 @@ ONLY="full-b128 lora-nodrop-b128-compile full-b128-compile" timeout 240 \
 cat "$out/smollm2_train.jsonl"
 # transformers 5.24 on top of the image's packages, for the eval probes only
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site524 /tmp/tf524/*.whl
-PYTHONPATH=/tmp/site524:$PYTHONPATH python3 -c "import transformers; print('transformers', transformers.__version__)" | tee -a "$out/card.txt"
-PYTHONPATH=/tmp/site524:$PYTHONPATH ONLY="batch512 generate" timeout "$(left)" \
+PYTHONPATH=/tmp/site524:${PYTHONPATH:-} python3 -c "import transformers; print('transformers', transformers.__version__)" | tee -a "$out/card.txt"
+PYTHONPATH=/tmp/site524:${PYTHONPATH:-} ONLY="batch512 generate" timeout "$(left)" \
   bash bench/smollm2_speed.sh $gguf $data "$out/smollm2_eval_tf524.jsonl" > "$out/smollm2_eval_tf524.log" 2>&1
 cat "$out/smollm2_eval_tf524.jsonl"
 tar czf /tmp/r6.tgz -C "$1" r6 && rm -rf "$out" && mv /tmp/r6.tgz "$1/"

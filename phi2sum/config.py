@@ -188,9 +188,10 @@ class GenerationConfig(_Section):
     """KV cache: `dynamic` grows per token; `static` is allocated once per batch and transformers then
     compiles the decoding step (SmolLM2 on 500 dialogues: 44 s against 13 s dynamic, compiling dominates)."""
     cuda_graph: bool = True
-    """Greedy decoding on a CUDA GPU (bf16/fp16 or 4-bit) runs phi2sum's own loop: a static KV cache and
-    the decoding step captured once per batch as a CUDA graph, replayed per token (no per-token Python or
-    kernel launches). Beams, sampling, penalties, 8-bit models and CPUs use transformers' generate."""
+    """Greedy decoding on a CUDA GPU (unquantized or 4-bit, SDPA or eager attention) runs phi2sum's own
+    loop: a static KV cache and the decoding step captured once per batch as a CUDA graph, replayed per
+    token (no per-token Python or kernel launches). Beams, sampling, penalties, 8-bit models,
+    flash-attention, sliding-window models and CPUs use transformers' generate."""
     max_input_tokens: int = Field(896, ge=16)
     """Longer dialogues are shortened (with a warning) to fit this many prompt tokens."""
 

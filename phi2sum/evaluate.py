@@ -216,6 +216,10 @@ def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
     # handling was never tried in a graph.
     if not plain or getattr(base, "is_loaded_in_8bit", False):
         return False
+    # The loop's 4D float masks are what SDPA and eager attention take; flash-attention reads masks as 2D
+    # padding masks.
+    if getattr(base.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False
     try:
         layers = StaticCache(config=base.config, max_cache_len=8).layers
     except Exception:  # an older transformers with another StaticCache signature
@@ -243,7 +247,7 @@ def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     rows, width = input_ids.shape
     total = width + gen.max_new_tokens
     cache = StaticCache(config=base.config, max_cache_len=total)
-    # transformers 5.x names the argument `cache` (`past_key_values` before, kept as a deprecated alias)
+    # newer transformers (5.2x) name the argument `cache`; `past_key_values` before (a deprecated alias now)
     cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     ids, real = input_ids.to(device), attention.to(device).bool()
     pad = (~real).sum(1)

@@ -287,8 +287,10 @@ def norms_in_compute_dtype(model) -> int:
     linear layer reading it (Phi-2: q, k, v and fc1 and their LoRA paths), each of which casts it back to
     bf16/fp16: several activation-sized copies per layer, forward and backward. On a bf16/fp16 input the
     LayerNorm kernel already accumulates in fp32; run outside autocast it returns the compute dtype.
+    Only a bf16/fp16 residual stream gains: 4-bit training (PEFT's k-bit preparation makes embeddings and
+    norms fp32) and full fine-tunes (fp32 weights) still normalize in fp32, as before.
     Returns how many LayerNorms were switched."""
-    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    norms = [m for m in model.modules() if type(m) is nn.LayerNorm]  # subclasses may have their own forward
     for module in norms:
         module.forward = types.MethodType(_layer_norm_outside_autocast, module)
     return len(norms)
@@ -296,7 +298,7 @@ def norms_in_compute_dtype(model) -> int:
 
 def _layer_norm_outside_autocast(self, x):
     with torch.autocast(device_type=x.device.type, enabled=False):
-        weight = None if self.weight is None else self.weight.to(x.dtype)  # 4-bit prep keeps norms in fp32
+        weight = None if self.weight is None else self.weight.to(x.dtype)  # no-ops unless dtypes differ
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 

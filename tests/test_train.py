@@ -521,13 +521,26 @@ def test_layer_norms_outside_autocast_return_the_compute_dtype_with_the_same_val
     before = torch.nn.functional.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(),
                                             norm.bias.float(), norm.eps)
     assert modeling.norms_in_compute_dtype(model) == model.config.num_hidden_layers + 1
+    assert norm.forward.__func__ is modeling._layer_norm_outside_autocast
+    seen = []
+    layer_norm = torch.nn.functional.layer_norm
+
+    def spy(*a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return layer_norm(*a, **k)
+
     x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    norm.weight.requires_grad_(True)
+    with pytest.MonkeyPatch.context() as mp, torch.autocast("cpu", dtype=torch.bfloat16):
+        mp.setattr(torch.nn.functional, "layer_norm", spy)
+        assert torch.is_autocast_enabled("cpu")
         after = norm(x)
+    assert seen == [False]  # the kernel ran outside autocast
     assert after.dtype == torch.bfloat16
     assert torch.allclose(after.float(), before, atol=2e-2, rtol=1e-2)
     after.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+    assert norm.weight.grad is not None  # trainable norms (full fine-tune) still learn
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(ids).logits.float()).all()
