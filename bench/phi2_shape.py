@@ -127,7 +127,7 @@ def seed_recipe(model_dir: Path, data: Path, steps: int) -> dict:
     return result
 
 
-LEVERS = ("fuse_gelu", "keep_lora_inputs_in_compute_dtype", "norms_in_compute_dtype")
+LEVERS = ("fuse_gelu", "keep_lora_inputs_in_compute_dtype", "norms_in_compute_dtype", "kbit_stream_stays_bf16")
 
 
 def phi2sum_recipe(name: str, config: str, model_dir: Path, data: Path, steps: int, overrides: list[str],
@@ -348,6 +348,9 @@ def main():
                                model_dir, args.data, args.steps, ["lora.dropout=0"], False),
         "bf16-nodrop-fp32-norms": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, LayerNorm left to autocast (fp32)", a100,
                                    model_dir, args.data, args.steps, ["lora.dropout=0"], ("norms_in_compute_dtype",)),
+        "qlora-bf16-nodrop-fp32-stream": (phi2sum_recipe, "QLoRA bf16, LoRA dropout 0, PEFT k-bit preparation (fp32 stream)",
+                                          "configs/p100.yaml", model_dir, args.data, args.steps, qlora + ["lora.dropout=0"],
+                                          ("kbit_stream_stays_bf16",)),
         "qlora-bf16-nodrop-32": (phi2sum_recipe, "QLoRA bf16, LoRA dropout 0, batch 32 x 1", "configs/p100.yaml", model_dir,
                                  args.data, args.steps, qlora + ["lora.dropout=0", "train.batch_size=32", "train.grad_accum=1"]),
         "qlora-bf16-nodrop-fp32-norms": (phi2sum_recipe, "QLoRA bf16, LoRA dropout 0, LayerNorm left to autocast (fp32)",

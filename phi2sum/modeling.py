@@ -241,7 +241,10 @@ def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if quantized:
+    if quantized and kbit_stream_stays_bf16(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+    elif quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
@@ -259,6 +262,15 @@ def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+def kbit_stream_stays_bf16(model) -> bool:
+    """4-bit training in bf16 skips PEFT's k-bit preparation, which casts every unquantized weight
+    (embeddings, norms, output head) to fp32: that keeps the whole residual stream and each LayerNorm in
+    fp32, with casts around every 4-bit matmul. bf16 has fp32's range, so the upcast buys nothing there
+    (the LayerNorm kernel accumulates in fp32 anyway); the base only needs freezing, and checkpointing is
+    set up in add_lora. fp16 (P100/T4) keeps the preparation: its range is what the fp32 copies protect."""
+    return model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
 def compile_body(model) -> None:
@@ -287,8 +299,8 @@ def norms_in_compute_dtype(model) -> int:
     linear layer reading it (Phi-2: q, k, v and fc1 and their LoRA paths), each of which casts it back to
     bf16/fp16: several activation-sized copies per layer, forward and backward. On a bf16/fp16 input the
     LayerNorm kernel already accumulates in fp32; run outside autocast it returns the compute dtype.
-    Only a bf16/fp16 residual stream gains: 4-bit training (PEFT's k-bit preparation makes embeddings and
-    norms fp32) and full fine-tunes (fp32 weights) still normalize in fp32, as before.
+    Only a bf16/fp16 residual stream gains: fp16 4-bit training (PEFT's k-bit preparation makes embeddings
+    and norms fp32) and full fine-tunes (fp32 weights) still normalize in fp32, as before.
     Returns how many LayerNorms were switched."""
     norms = [m for m in model.modules() if type(m) is nn.LayerNorm]  # subclasses may have their own forward
     for module in norms:

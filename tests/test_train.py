@@ -544,3 +544,23 @@ def test_layer_norms_outside_autocast_return_the_compute_dtype_with_the_same_val
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(ids).logits.float()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kbit_preparation_upcasts_only_for_fp16(tiny_model, dtype):
+    """4-bit training: under bf16 the unquantized weights stay bf16 (so the residual stream and LayerNorms run
+    in bf16); under fp16 PEFT's k-bit preparation makes them fp32 as before. The base is frozen and the
+    LoRA weights train in fp32 either way. (The 4-bit layers themselves need CUDA; this checks the rest.)"""
+    from transformers import AutoModelForCausalLM
+
+    from phi2sum.config import LoraSettings, TrainConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
+    lora = LoraSettings(target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
+    model = modeling.add_lora(model, lora, TrainConfig(gradient_checkpointing=False), quantized=True)
+    base = model.get_base_model()
+    want = dtype if dtype == torch.bfloat16 else torch.float32
+    assert base.get_input_embeddings().weight.dtype == want
+    assert base.model.final_layernorm.weight.dtype == want
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
