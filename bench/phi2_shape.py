@@ -362,6 +362,8 @@ def main():
                          args.steps, ["lora.dropout=0", "train.compile=true"]),
         "bf16-32": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, batch 32 x 1", a100, model_dir, args.data,
                     args.steps, ["lora.dropout=0", "train.batch_size=32", "train.grad_accum=1"]),
+        "bf16-48": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, batch 48 x 1", a100, model_dir, args.data,
+                    args.steps, ["lora.dropout=0", "train.batch_size=48", "train.grad_accum=1"]),
         "seed": (seed_recipe, model_dir, args.data, args.seed_steps),
         "qlora-bf16": (phi2sum_recipe, "phi2sum QLoRA bf16 (4-bit NF4, bf16, batch 16 x 2, no checkpointing)",
                        "configs/p100.yaml", model_dir, args.data, args.steps, qlora),
