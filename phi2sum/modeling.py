@@ -265,7 +265,7 @@ def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
 
 
 def kbit_stream_stays_bf16(model) -> bool:
-    """4-bit training in bf16 skips PEFT's k-bit preparation, which casts every unquantized weight
+    """4-/8-bit training in bf16 skips PEFT's k-bit preparation, which casts every unquantized weight
     (embeddings, norms, output head) to fp32: that keeps the whole residual stream and each LayerNorm in
     fp32, with casts around every 4-bit matmul. bf16 has fp32's range, so the upcast buys nothing there
     (the LayerNorm kernel accumulates in fp32 anyway); the base only needs freezing, and checkpointing is
