@@ -344,6 +344,12 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def looks_local(name: str) -> bool:
+    """A model, adapter or data name that means a local path rather than a hub id: it exists here, or it
+    is spelled like a path (./, /, ~). The one rule behind every "path or hub id" decision."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside the target, then rename: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")

@@ -23,7 +23,7 @@ import torch
 
 from . import data as data_mod
 from . import modeling
-from .config import (ConfigError, GenerationConfig, Phi2sumError, RunConfig, write_jsonl_atomic,
+from .config import (ConfigError, GenerationConfig, Phi2sumError, RunConfig, looks_local, write_jsonl_atomic,
                      write_text_atomic)
 from .console import progress, warn
 
@@ -56,7 +56,7 @@ def check_adapter(adapter: str | None) -> None:
         if not (local / "adapter_config.json").is_file() and not modeling.is_full_model(local):
             raise ConfigError(f"{adapter} is not an adapter or run directory (no adapter_config.json or "
                               "config.json); pass the output_dir of `phi2sum train`")
-    elif adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
+    elif looks_local(adapter) or adapter.count("/") != 1:
         raise ConfigError(f"--adapter {adapter}: no such directory, and not a hub id (user/name)")
 
 

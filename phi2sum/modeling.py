@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraSettings, ModelConfig, Phi2sumError, TrainConfig
+from .config import ConfigError, LoraSettings, ModelConfig, Phi2sumError, TrainConfig, looks_local
 
 CACHE = Path(os.environ.get("PHI2SUM_CACHE", "~/.cache/phi2sum")).expanduser()
 
@@ -129,7 +129,7 @@ def base_path(m: ModelConfig) -> str:
         if not (p / "config.json").is_file():
             raise ConfigError(f"model.name {p} is a path but holds no config.json; point it at a saved model")
         return str(p)
-    if m.name.startswith((".", "/", "~")):
+    if looks_local(m.name):
         raise ConfigError(f"model.name {m.name} not found; point it at a model directory or a hub id")
     return m.name
 
@@ -320,7 +320,7 @@ def read_adapter_base(adapter: str) -> str | None:
     None when it cannot be read: loading the adapter later says what is wrong."""
     path = Path(adapter) / "adapter_config.json"
     try:
-        if not path.is_file() and not Path(adapter).exists() and adapter.count("/") == 1:
+        if not path.is_file() and not looks_local(adapter) and adapter.count("/") == 1:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(adapter, "adapter_config.json"))

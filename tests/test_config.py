@@ -255,3 +255,14 @@ def test_quantization_on_cpu_points_to_none():
 def test_cuda_device_without_gpu():
     cfg = load_config(None, ["train.device=cuda", "model.quantization=none"])
     assert any("train.device" in p for p in check_hardware(cfg, cuda=False, bf16=False))
+
+
+def test_looks_local_is_a_path_by_spelling_or_existence(tmp_path, monkeypatch):
+    from phi2sum.config import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("./run", "../run", "/abs/run", "~/run"):
+        assert looks_local(name)
+    assert not looks_local("microsoft/phi-2") and not looks_local("gpt2")
+    (tmp_path / "user" / "name").mkdir(parents=True)
+    assert looks_local("user/name")  # a folder that happens to look like a hub id is the folder
