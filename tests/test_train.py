@@ -564,3 +564,29 @@ def test_kbit_preparation_upcasts_only_for_fp16(tiny_model, dtype):
     assert base.model.final_layernorm.weight.dtype == want
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+
+
+def test_kbit_bf16_path_trains_with_gradient_checkpointing(tiny_model):
+    """Skipping the k-bit preparation leaves nothing out that checkpointing needs: with non-reentrant
+    checkpointing on a frozen bf16 base, a backward through phi2sum's loss under autocast reaches every
+    LoRA weight."""
+    from transformers import AutoModelForCausalLM
+
+    from phi2sum.config import LoraSettings, TrainConfig
+    from phi2sum.train import SummaryLoss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    lora = LoraSettings(target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
+    model = modeling.add_lora(model, lora, TrainConfig(gradient_checkpointing=True), quantized=True)
+    assert model.get_base_model().is_gradient_checkpointing
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = SummaryLoss(model)(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    loss.backward()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    lora_a = [p for n, p in model.named_parameters() if "lora_A" in n]
+    assert lora_a and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_a + lora_b)
+    assert any(p.grad.abs().sum() > 0 for p in lora_b)  # B starts at zero, so its gradient is the live one
