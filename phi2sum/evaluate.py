@@ -209,7 +209,7 @@ def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
     length on the GPU (5.x): the case greedy_static serves; everything else goes through generate."""
     from transformers import StaticCache
 
-    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    base = modeling.unwrap_peft(loaded.model)
     plain = (gen.cuda_graph and gen.num_beams == 1 and not gen.do_sample and gen.repetition_penalty == 1.0
              and gen.no_repeat_ngram_size == 0 and gen.cache == "dynamic")
     # 4-bit NF4 captures and replays (Phi-2 shape on an H200: 69.9 vs 20.9 dialogues/s); 8-bit's outlier
@@ -242,7 +242,7 @@ def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     from transformers import StaticCache
 
     model, device = loaded.model, loaded.hardware.device
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = modeling.unwrap_peft(model)
     dtype = base.get_input_embeddings().weight.dtype
     rows, width = input_ids.shape
     total = width + gen.max_new_tokens
@@ -272,8 +272,8 @@ def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     # Decoding state lives in tensors updated in place, so one captured step serves every token.
     current = first[:, None].clone()
     position = real.sum(1, keepdim=True)  # the next token's position: the row's length so far
-    column = torch.tensor([width], device=device)  # the cache slot the next token is written to
-    out_col = torch.tensor([1], device=device)
+    out_col = torch.tensor([1], device=device)  # the output column of the next token; its cache slot is
+    # width + out_col - 1
     step_mask = torch.zeros((rows, 1, 1, total), dtype=dtype, device=device)
     step_mask.masked_fill_(((cols < pad[:, None]) | (cols > width))[:, None, None], blocked)
 
@@ -285,8 +285,7 @@ def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
         current.copy_(nxt[:, None])
         position.add_(1)
         out_col.add_(1)
-        column.add_(1)
-        step_mask.index_fill_(3, column, 0.0)
+        step_mask.index_fill_(3, out_col + (width - 1), 0.0)  # open the slot the next token is written to
 
     steps, ran = gen.max_new_tokens - 1, 0
     run = step

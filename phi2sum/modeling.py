@@ -273,11 +273,15 @@ def kbit_stream_stays_bf16(model) -> bool:
     return model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
+def unwrap_peft(model):
+    """The transformers model under a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def compile_body(model) -> None:
     """torch.compile the transformer body (embeddings, blocks, final norm) in place: parameter names,
     checkpoints and saved adapters stay as they are. dynamic=True: one graph for every sequence length."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner.base_model.compile(dynamic=True)
+    unwrap_peft(model).base_model.compile(dynamic=True)
 
 
 def is_full_model(run: Path) -> bool:

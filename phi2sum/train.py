@@ -67,7 +67,7 @@ class SummaryLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, labels):
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        causal_lm = modeling.unwrap_peft(self.model)
         hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         targets = labels[:, 1:]
         keep = targets != -100
