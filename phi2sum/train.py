@@ -383,10 +383,13 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
         modeling.keep_lora_inputs_in_compute_dtype(model)
         modeling.norms_in_compute_dtype(model)
     if t.compile:
-        if accelerator.device.type == "cuda":
-            modeling.compile_body(model)
+        # Inductor's GPU kernels are Triton's, which needs compute capability 7.0+ (not a P100).
+        if accelerator.device.type == "cuda" and torch.cuda.get_device_capability(accelerator.device) >= (7, 0):
+            compiled = modeling.compile_body(model)
+            if main:
+                info(f"torch.compile: {compiled} (the first step and the first evaluation compile)")
         elif main:
-            warn("train.compile is for CUDA GPUs; running uncompiled on the CPU")
+            warn(f"train.compile needs a CUDA GPU of compute capability 7.0 or newer; running uncompiled on {hw.name}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = make_optimizer(trainable, t, accelerator.device.type)
