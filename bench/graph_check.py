@@ -55,11 +55,11 @@ def main() -> int:
             m = m.to(device).eval()
             hw = modeling.Hardware(device, torch.float32, device.type)
             free = evaluate.Loaded(m, Tok(), "plain", [-1], None, hw)
-            reference = evaluate._generate_padded(free, prompts, gen.model_copy(update={"cuda_graph": False}))
+            reference = [c[0] for c in evaluate._generate_padded(free, prompts, gen.model_copy(update={"cuda_graph": False}))]
             stop = reference[0][10]  # a token row 0 makes mid-way: rows that make it stop there
             loaded = evaluate.Loaded(m, Tok(), "plain", [stop], None, hw)
-            want = evaluate._generate_padded(loaded, prompts, gen.model_copy(update={"cuda_graph": False}))
-            got = evaluate._generate_padded(loaded, prompts, gen)
+            want = [c[0] for c in evaluate._generate_padded(loaded, prompts, gen.model_copy(update={"cuda_graph": False}))]
+            got = [c[0] for c in evaluate._generate_padded(loaded, prompts, gen)]
             assert evaluate.graph_decoding_applies(loaded, gen)
 
             def upto(row):

@@ -10,6 +10,7 @@ all dialogue-reference pairs (1,500 pairs for 500 dialogues); confidence interva
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -113,13 +114,14 @@ def clean_summary(raw: str) -> tuple[str, bool]:
 
 def plan_batches(lengths: list[int], order: list[int], gen: GenerationConfig) -> list[list[int]]:
     """Split prompts (sorted longest first) into batches of at most gen.batch_size rows and, with
-    gen.batch_tokens, at most that many cache tokens (rows x beams x (first row's length + max_new_tokens)):
+    gen.batch_tokens, at most that many cache tokens (rows x beams or MBR candidates x (first row's length +
+    max_new_tokens)):
     the few long dialogues then do not make every row of a big batch carry their padding."""
     batches, start = [], 0
     while start < len(order):
         rows = gen.batch_size
         if gen.batch_tokens:
-            rows = max(1, min(rows, gen.batch_tokens // (gen.num_beams * (lengths[start] + gen.max_new_tokens))))
+            rows = max(1, min(rows, gen.batch_tokens // (gen.sequences_per_dialogue * (lengths[start] + gen.max_new_tokens))))
         batches.append(order[start : start + rows])
         start += rows
     return batches
@@ -135,6 +137,8 @@ def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: Genera
     # A card smaller than the config assumed still finishes: a batch that runs out of memory is halved,
     # and later batches keep to the size that fitted (said once, so the config can be fixed).
     limit = None
+    if gen.do_sample:
+        torch.manual_seed(gen.seed)  # same dialogues, batches and seed: the same samples, run after run
     pending = plan_batches([len(prompts[i][0]) for i in order], order, gen)
     while pending:
         idx = pending.pop(0)
@@ -148,7 +152,8 @@ def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: Genera
             if len(idx) == 1:
                 raise Phi2sumError(
                     f"out of GPU memory generating one dialogue of {width}+{gen.max_new_tokens} tokens x "
-                    f"{gen.num_beams} beam(s): lower generation.max_input_tokens or generation.num_beams") from None
+                    f"{gen.sequences_per_dialogue} sequence(s): lower generation.max_input_tokens, "
+                    f"generation.num_beams or generation.mbr_candidates") from None
             new_tokens = None
         if new_tokens is None:  # outside the except block, so the failed batch's tensors are freed first
             if loaded.hardware.device.type == "cuda":
@@ -159,8 +164,9 @@ def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: Genera
                  f"generation.batch_tokens lower to start there)")
             pending.insert(0, idx)
             continue
-        for i, tokens in zip(idx, new_tokens):
-            results[i] = _finish(loaded, tokens, prompts[i][1])
+        for i, candidates in zip(idx, new_tokens):
+            finished = [_finish(loaded, tokens, prompts[i][1]) for tokens in candidates]
+            results[i] = finished[mbr_pick([g.text for g in finished])] if len(finished) > 1 else finished[0]
         if on_batch:
             on_batch(len(idx))
     return results  # type: ignore[return-value]
@@ -175,9 +181,44 @@ def _finish(loaded: Loaded, tokens: list[int], truncated_input: bool) -> Generat
     return Generated(text, raw, len(kept), cut is None, run_on, truncated_input)
 
 
-def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[int]]:
+@functools.lru_cache(maxsize=1)
+def _rouge_tokenizer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)._tokenizer
+
+
+@functools.lru_cache(maxsize=65536)  # beams and samples repeat one another; the stemmer is the slow part
+def _rouge_tokenize(text: str) -> tuple[str, ...]:
+    return tuple(_rouge_tokenizer().tokenize(text))
+
+
+def mbr_pick(texts: list[str]) -> int:
+    """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
+    ROUGE-1/2/L F1 (stemmed, as scored) against all the others; ties go to the earlier candidate (the
+    better beam). Each candidate is tokenized once and the pair scores are symmetric, so N candidates cost
+    N tokenizations and N(N-1)/2 comparisons."""
+    from rouge_score import rouge_scorer
+
+    tokens = [_rouge_tokenize(t) for t in texts]
+    grams = [(rouge_scorer._create_ngrams(t, 1), rouge_scorer._create_ngrams(t, 2)) for t in tokens]
+    support = np.zeros(len(texts))
+    for a in range(len(texts)):
+        for b in range(a + 1, len(texts)):
+            score = (rouge_scorer._score_ngrams(grams[a][0], grams[b][0]).fmeasure
+                     + rouge_scorer._score_ngrams(grams[a][1], grams[b][1]).fmeasure
+                     + rouge_scorer._score_lcs(tokens[a], tokens[b]).fmeasure) / 3
+            support[a] += score
+            support[b] += score
+    return int(np.argmax(support))
+
+
+def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[list[int]]]:
+    """New tokens for each prompt: one sequence, or with MBR on its candidates."""
     tok, model = loaded.tokenizer, loaded.model
-    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams,
+    n = gen.sequences_per_dialogue
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams if gen.do_sample else n,
+                  num_return_sequences=n if gen.mbr_candidates else 1,
                   repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
                   length_penalty=gen.length_penalty, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
                   use_cache=True)
@@ -198,10 +239,12 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
     if device.type == "cuda" and graph_decoding_applies(loaded, gen):
         # The device context: under `accelerate launch` each process's streams and graph belong to its GPU.
         with torch.inference_mode(), torch.cuda.device(device):
-            return greedy_static(loaded, input_ids, attention, gen, graph=True)
+            return [[row] for row in greedy_static(loaded, input_ids, attention, gen, graph=True)]
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-    return out[:, width:].cpu().tolist()
+    new = out[:, width:].cpu().tolist()
+    per = kwargs["num_return_sequences"]  # generate returns each prompt's sequences together
+    return [new[k : k + per] for k in range(0, len(new), per)]
 
 
 def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
@@ -210,7 +253,7 @@ def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
     from transformers import StaticCache
 
     base = modeling.unwrap_peft(loaded.model)
-    plain = (gen.cuda_graph and gen.num_beams == 1 and not gen.do_sample and gen.repetition_penalty == 1.0
+    plain = (gen.cuda_graph and gen.sequences_per_dialogue == 1 and not gen.do_sample and gen.repetition_penalty == 1.0
              and gen.no_repeat_ngram_size == 0 and gen.cache == "dynamic")
     # 4-bit NF4 captures and replays (Phi-2 shape on an H200: 69.9 vs 20.9 dialogues/s); 8-bit's outlier
     # handling was never tried in a graph.

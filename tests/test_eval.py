@@ -205,11 +205,11 @@ def test_beam_search_and_sampling_work(tiny_model, random_lm):
     beams = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, GenerationConfig(num_beams=2, max_new_tokens=6))
     assert all(0 < g.new_tokens <= 6 for g in beams)
     sampled = []
-    for _ in range(2):
-        torch.manual_seed(3)
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed + 100)  # generation.seed decides, not whatever the global RNG was
         sampled.append([g.raw for g in evaluate.generate(random_lm, DIALOGUES, INSTRUCTION,
-                                                         GenerationConfig(do_sample=True, max_new_tokens=6))])
-    assert sampled[0] == sampled[1]
+                                                         GenerationConfig(do_sample=True, max_new_tokens=6, seed=seed))])
+    assert sampled[0] == sampled[1] != sampled[2]
 
 
 def test_repetition_penalty_is_applied(tiny_model):
@@ -547,13 +547,13 @@ def test_static_cache_greedy_loop_gives_generates_tokens(lm, request):
     ids, mask = _padded_batch(loaded, gen)
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     endless = replace(loaded, stop_ids=[-1])
-    reference = evaluate._generate_padded(endless, prompts, gen)
+    reference = [c[0] for c in evaluate._generate_padded(endless, prompts, gen)]
     assert evaluate.greedy_static(endless, ids, mask, gen, graph=False) == reference
     assert len({tuple(r) for r in reference}) > 1  # the rows really differ
     # A token some rows produce mid-way becomes the stop token: those rows end there, the others go on.
     stop = reference[0][4]
     stopping = replace(loaded, stop_ids=[stop])
-    reference = evaluate._generate_padded(stopping, prompts, gen)
+    reference = [c[0] for c in evaluate._generate_padded(stopping, prompts, gen)]
     ours = evaluate.greedy_static(stopping, ids, mask, gen, graph=False)
     cuts = [next((k for k, t in enumerate(r) if t == stop), None) for r in reference]
     assert cuts[0] == 4 and None in cuts
@@ -568,7 +568,7 @@ def test_graph_decoding_applies_only_to_plain_greedy(random_lm):
         pytest.skip("this transformers' static cache has no GPU-side length counter: generate serves everything")
     assert evaluate.graph_decoding_applies(random_lm, GenerationConfig())
     for change in ({"num_beams": 2}, {"do_sample": True}, {"repetition_penalty": 1.2},
-                   {"no_repeat_ngram_size": 3}, {"cuda_graph": False}, {"cache": "static"}):
+                   {"no_repeat_ngram_size": 3}, {"cuda_graph": False}, {"cache": "static"}, {"mbr_candidates": 4}):
         assert not evaluate.graph_decoding_applies(random_lm, GenerationConfig(**change))
     # Sliding-window attention keeps fewer cache columns than the loop's masks: left to generate.
     from dataclasses import replace
@@ -582,3 +582,46 @@ def test_graph_decoding_applies_only_to_plain_greedy(random_lm):
     flash = PhiForCausalLM(copy.deepcopy(random_lm.model.config))  # the fixture's own config stays as it is
     flash.config._attn_implementation = "flash_attention_2"
     assert not evaluate.graph_decoding_applies(replace(random_lm, model=flash), GenerationConfig())
+
+
+def test_mbr_pick_is_the_candidate_with_the_highest_mean_rouge_against_the_others():
+    """mbr_pick's shortcut (tokenize once, symmetric pairs) against rouge-score's public scorer."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rng = np.random.default_rng(0)
+    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
+    for _ in range(20):
+        texts = [" ".join(rng.choice(vocab, size=rng.integers(3, 12))) for _ in range(rng.integers(2, 7))]
+        support = [np.mean([np.mean([v.fmeasure for v in scorer.score(o, t).values()])
+                            for j, o in enumerate(texts) if j != i]) for i, t in enumerate(texts)]
+        assert evaluate.mbr_pick(texts) == int(np.argmax(support))
+    consensus = ["Tom is late for the meeting.", "Tom will be late for the meeting.",
+                 "Mary calls Tom.", "Tom is late for the meeting again."]
+    assert evaluate.mbr_pick(consensus) == 0
+    assert evaluate.mbr_pick(["same words", "same words"]) == 0  # a tie keeps the better-ranked candidate
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_mbr_generation_returns_the_consensus_candidate(random_lm, sample):
+    """With mbr_candidates, each dialogue's summary is the candidate mbr_pick chooses among the N that
+    transformers' generate returns for it (beams, or seeded samples), batched as usual."""
+    n = 4
+    gen = GenerationConfig(max_new_tokens=8, mbr_candidates=n, batch_size=3, do_sample=sample, temperature=1.5)
+    picked = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, gen)
+    torch.manual_seed(gen.seed)  # generate seeds sampling: the same batches in the same order draw the same samples
+    order = sorted(range(len(DIALOGUES)), key=lambda i: -len(evaluate.data_mod.fit_prompt(
+        random_lm.tokenizer, DIALOGUES[i], random_lm.fmt, INSTRUCTION, gen.max_input_tokens)[0]))
+    want = {}
+    for idx in evaluate.plan_batches([0] * len(order), order, gen):
+        prompts = [data_mod.fit_prompt(random_lm.tokenizer, DIALOGUES[i], random_lm.fmt, INSTRUCTION,
+                                       gen.max_input_tokens)[0] for i in idx]
+        for i, candidates in zip(idx, evaluate._generate_padded(random_lm, prompts, gen)):
+            assert len(candidates) == n
+            texts = [evaluate._finish(random_lm, c, False).text for c in candidates]
+            want[i] = texts[evaluate.mbr_pick(texts)]
+            if not sample:  # beams come best first: the candidates differ, and the best beam is greedy-like
+                assert len(set(map(tuple, candidates))) == n
+    assert [g.text for g in picked] == [want[i] for i in range(len(DIALOGUES))]
+    if sample:
+        assert len({g.text for g in picked}) > 1
