@@ -32,17 +32,18 @@ except Exception as e:
 print(json.dumps(row)); open(results, "a").write(json.dumps(row) + "\n")
 PY
 done
-trains=("lora:" "lora-nodrop:--set lora.dropout=0" "lora-nodrop-compile:--set lora.dropout=0 --set train.compile=true"
+trains=("lora:" "lora-compile:--set train.compile=true" "lora-nodrop:--set lora.dropout=0" "lora-nodrop-compile:--set lora.dropout=0 --set train.compile=true"
         "full:--set lora.enabled=false --set train.learning_rate=1e-4" "lora-nodrop-b64:--set lora.dropout=0 --set train.batch_size=64"
         "lora-nodrop-b128:--set lora.dropout=0 --set train.batch_size=128"
         "lora-nodrop-b128-compile:--set lora.dropout=0 --set train.batch_size=128 --set train.compile=true"
         "full-b128:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128"
         "full-b128-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true"
+        "full-b256-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=256 --set train.compile=true"
         "full-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.compile=true")
 for v in "${trains[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
   keep "$name" || continue
-  p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=80 \
+  p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=${STEPS:-80} \
     --set train.eval_every=0 --set train.early_stopping_patience=0 --set train.save_every=100000 --set train.log_every=10 --set train.keep_best=false \
     "${extra[@]}" --overwrite 2>&1 | grep -E "error|tokens/s" | tail -n 2
   python3 - "$name" "/tmp/spd-$name" "$results" <<'PY'
