@@ -131,14 +131,22 @@ def generate(loaded: Loaded, dialogues: list[str], instruction: str, gen: Genera
              on_batch=None) -> list[Generated]:
     tok = loaded.tokenizer
     prompts = [data_mod.fit_prompt(tok, d, loaded.fmt, instruction, gen.max_input_tokens) for d in dialogues]
+    # Sampling draws from a generator seeded here, inside fork_rng so the caller's random state is left
+    # as it was: same dialogues, batches and seed give the same samples, run after run.
+    device = loaded.hardware.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=gen.do_sample):
+        if gen.do_sample:
+            torch.manual_seed(gen.seed)
+        return _generate_batches(loaded, prompts, gen, on_batch)
+
+
+def _generate_batches(loaded: Loaded, prompts: list, gen: GenerationConfig, on_batch) -> list[Generated]:
     # Longest first: the largest batch runs first (an OOM shows at once) and batches share lengths.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i][0]))
     results: list[Generated | None] = [None] * len(prompts)
     # A card smaller than the config assumed still finishes: a batch that runs out of memory is halved,
     # and later batches keep to the size that fitted (said once, so the config can be fixed).
     limit = None
-    if gen.do_sample:
-        torch.manual_seed(gen.seed)  # same dialogues, batches and seed: the same samples, run after run
     pending = plan_batches([len(prompts[i][0]) for i in order], order, gen)
     while pending:
         idx = pending.pop(0)
@@ -195,7 +203,7 @@ def _rouge_tokenize(text: str) -> tuple[str, ...]:
 
 def mbr_pick(texts: list[str]) -> int:
     """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
-    ROUGE-1/2/L F1 (stemmed, as scored) against all the others; ties go to the earlier candidate (the
+    ROUGE-1/2/L F1 (Porter-stemmed, eval's default) against all the others; ties go to the earlier candidate (the
     better beam). Each candidate is tokenized once and the pair scores are symmetric, so N candidates cost
     N tokenizations and N(N-1)/2 comparisons."""
     from rouge_score import rouge_scorer
@@ -218,7 +226,7 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
     tok, model = loaded.tokenizer, loaded.model
     n = gen.sequences_per_dialogue
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams if gen.do_sample else n,
-                  num_return_sequences=n if gen.mbr_candidates else 1,
+                  num_return_sequences=gen.mbr_candidates or 1,
                   repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
                   length_penalty=gen.length_penalty, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
                   use_cache=True)

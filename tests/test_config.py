@@ -204,6 +204,7 @@ def test_cross_field_problems_are_collected_together(tmp_path):
     (["train.optimizer=adamw_8bit", "train.device=cpu"], "use adamw on CPU"),
     (["train.precision=bf16", "train.device=cpu"], "use fp32"),
     (["generation.do_sample=true", "generation.num_beams=4"], "pick one"),
+    (["generation.mbr_candidates=1"], "use 0 \\(off\\) or 2 or more"),
 ])
 def test_cross_field_checks_name_the_fix(overrides, fix):
     with pytest.raises(ConfigError, match=fix):

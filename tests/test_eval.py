@@ -608,7 +608,9 @@ def test_mbr_generation_returns_the_consensus_candidate(random_lm, sample):
     transformers' generate returns for it (beams, or seeded samples), batched as usual."""
     n = 4
     gen = GenerationConfig(max_new_tokens=8, mbr_candidates=n, batch_size=3, do_sample=sample, temperature=1.5)
+    state = torch.random.get_rng_state()
     picked = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, gen)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
     torch.manual_seed(gen.seed)  # generate seeds sampling: the same batches in the same order draw the same samples
     order = sorted(range(len(DIALOGUES)), key=lambda i: -len(evaluate.data_mod.fit_prompt(
         random_lm.tokenizer, DIALOGUES[i], random_lm.fmt, INSTRUCTION, gen.max_input_tokens)[0]))
@@ -620,8 +622,12 @@ def test_mbr_generation_returns_the_consensus_candidate(random_lm, sample):
             assert len(candidates) == n
             texts = [evaluate._finish(random_lm, c, False).text for c in candidates]
             want[i] = texts[evaluate.mbr_pick(texts)]
-            if not sample:  # beams come best first: the candidates differ, and the best beam is greedy-like
+            if not sample:  # distinct beams, and each prompt's own: the same as decoding that prompt alone
                 assert len(set(map(tuple, candidates))) == n
+                alone = random_lm.model.generate(torch.tensor([prompts[idx.index(i)]]), num_beams=n,
+                                                 num_return_sequences=n, max_new_tokens=8, do_sample=False,
+                                                 eos_token_id=random_lm.stop_ids, pad_token_id=random_lm.tokenizer.pad_token_id)
+                assert [row[len(prompts[idx.index(i)]):] for row in alone.tolist()] == candidates
     assert [g.text for g in picked] == [want[i] for i in range(len(DIALOGUES))]
     if sample:
         assert len({g.text for g in picked}) > 1

@@ -607,8 +607,8 @@ def test_compiled_blocks_match_eager_loss_and_gradients(tiny_model, checkpointin
     lora = LoraSettings(target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], dropout=0.0)
 
     def build():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        torch.manual_seed(0)  # 4 blocks (2 saved, 2 seeded), so sharing one compilation is visible
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, num_hidden_layers=4)
         model = modeling.add_lora(model, lora, TrainConfig(gradient_checkpointing=checkpointing), quantized=False)
         for n, p in model.named_parameters():  # B starts at zero; give it values so every path carries gradient
             if "lora_B" in n:
@@ -633,7 +633,8 @@ def test_compiled_blocks_match_eager_loss_and_gradients(tiny_model, checkpointin
     model = build()
     names = list(model.state_dict())
     torch._dynamo.reset()
-    assert modeling.compile_body(model, backend="aot_eager") == "2 x PhiDecoderLayer"
+    torch._dynamo.utils.counters.clear()  # reset() leaves the counters of earlier compiles
+    assert modeling.compile_body(model, backend="aot_eager") == "4 x PhiDecoderLayer"
     compiled = run(model)
     assert list(model.state_dict()) == names
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
@@ -642,5 +643,7 @@ def test_compiled_blocks_match_eager_loss_and_gradients(tiny_model, checkpointin
         assert g1.keys() == g2.keys()
         assert all(torch.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6) for k in g1)
     frames = torch._dynamo.utils.counters["frames"]
-    assert frames["ok"] <= 2 * (1 + checkpointing)  # one dynamic graph for all blocks and widths, not one per block
+    # One dynamic graph for all blocks and widths, not one per block: the first block gets its own only
+    # because its input (frozen embeddings) needs no gradient unless checkpointing makes it.
+    assert frames["ok"] == (1 if checkpointing else 2)
     torch._dynamo.reset()
