@@ -159,8 +159,9 @@ class TrainConfig(_Section):
     """torch.compile each transformer block (CUDA GPUs of compute capability 7.0+; elsewhere a warning and
     eager): fused kernels and far fewer kernel launches. One compilation, shared by all blocks and every
     sequence length, costs the first step about a minute (and the first evaluation some seconds). On an
-    H200: Phi-2 shape bf16 LoRA 21,692 -> 27,853 real tokens/s, SmolLM2 LoRA 31,388 -> 50,185 over a whole
-    run with the same validation losses (docs/RESULTS.md); pays off for runs longer than a few minutes."""
+    H200: Phi-2 shape bf16 LoRA at 16 x 2 rows 21,692 -> 27,853 real tokens/s (no gain measurable at 32 x 1),
+    SmolLM2 LoRA 31,388 -> 50,185 over a whole run with the same validation losses (docs/RESULTS.md); pays
+    off for runs longer than a few minutes."""
 
 
 class GenerationConfig(_Section):
