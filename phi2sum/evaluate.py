@@ -121,7 +121,8 @@ def plan_batches(lengths: list[int], order: list[int], gen: GenerationConfig) ->
     while start < len(order):
         rows = gen.batch_size
         if gen.batch_tokens:
-            rows = max(1, min(rows, gen.batch_tokens // (gen.sequences_per_dialogue * (lengths[start] + gen.max_new_tokens))))
+            per_row = gen.sequences_per_dialogue * (lengths[start] + gen.max_new_tokens)
+            rows = max(1, min(rows, gen.batch_tokens // per_row))
         batches.append(order[start : start + rows])
         start += rows
     return batches
@@ -225,8 +226,8 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
     """New tokens for each prompt: one sequence, or with MBR on its candidates."""
     tok, model = loaded.tokenizer, loaded.model
     n = gen.sequences_per_dialogue
-    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, num_beams=gen.num_beams if gen.do_sample else n,
-                  num_return_sequences=gen.mbr_candidates or 1,
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
+                  num_beams=gen.num_beams if gen.do_sample else n, num_return_sequences=gen.mbr_candidates or 1,
                   repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
                   length_penalty=gen.length_penalty, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
                   use_cache=True)

@@ -289,8 +289,9 @@ def repeated_blocks(model) -> nn.ModuleList | None:
 
 def compile_body(model, backend: str = "inductor") -> str:
     """torch.compile each transformer block in place ("regional" compilation): the blocks share one
-    class and code, so one compilation serves all of them (tens of seconds) where compiling the whole
-    body as one graph took minutes; embeddings, final norm and loss stay eager. Parameter names,
+    class and code, so one compilation serves all of them (about a minute on an H200, where the whole
+    body as one graph had not finished in minutes; the first block gets a graph of its own when its input,
+    the frozen embeddings' output, needs no gradient); embeddings, final norm and loss stay eager. Parameter names,
     checkpoints and saved adapters are unchanged. dynamic=True: one graph for every sequence length
     instead of a recompile per new batch width. Returns what was compiled, for the log."""
     blocks = repeated_blocks(model)

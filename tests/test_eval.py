@@ -612,22 +612,22 @@ def test_mbr_generation_returns_the_consensus_candidate(random_lm, sample):
     picked = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, gen)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
     torch.manual_seed(gen.seed)  # generate seeds sampling: the same batches in the same order draw the same samples
-    order = sorted(range(len(DIALOGUES)), key=lambda i: -len(evaluate.data_mod.fit_prompt(
-        random_lm.tokenizer, DIALOGUES[i], random_lm.fmt, INSTRUCTION, gen.max_input_tokens)[0]))
+    every = [data_mod.fit_prompt(random_lm.tokenizer, d, random_lm.fmt, INSTRUCTION, gen.max_input_tokens)[0]
+             for d in DIALOGUES]
+    order = sorted(range(len(DIALOGUES)), key=lambda i: -len(every[i]))
     want = {}
     for idx in evaluate.plan_batches([0] * len(order), order, gen):
-        prompts = [data_mod.fit_prompt(random_lm.tokenizer, DIALOGUES[i], random_lm.fmt, INSTRUCTION,
-                                       gen.max_input_tokens)[0] for i in idx]
-        for i, candidates in zip(idx, evaluate._generate_padded(random_lm, prompts, gen)):
+        prompts = [every[i] for i in idx]
+        for i, prompt, candidates in zip(idx, prompts, evaluate._generate_padded(random_lm, prompts, gen)):
             assert len(candidates) == n
             texts = [evaluate._finish(random_lm, c, False).text for c in candidates]
             want[i] = texts[evaluate.mbr_pick(texts)]
             if not sample:  # distinct beams, and each prompt's own: the same as decoding that prompt alone
                 assert len(set(map(tuple, candidates))) == n
-                alone = random_lm.model.generate(torch.tensor([prompts[idx.index(i)]]), num_beams=n,
-                                                 num_return_sequences=n, max_new_tokens=8, do_sample=False,
-                                                 eos_token_id=random_lm.stop_ids, pad_token_id=random_lm.tokenizer.pad_token_id)
-                assert [row[len(prompts[idx.index(i)]):] for row in alone.tolist()] == candidates
+                alone = random_lm.model.generate(torch.tensor([prompt]), num_beams=n, num_return_sequences=n,
+                                                 max_new_tokens=8, do_sample=False, eos_token_id=random_lm.stop_ids,
+                                                 pad_token_id=random_lm.tokenizer.pad_token_id)
+                assert [row[len(prompt):] for row in alone.tolist()] == candidates
     assert [g.text for g in picked] == [want[i] for i in range(len(DIALOGUES))]
     if sample:
         assert len({g.text for g in picked}) > 1
