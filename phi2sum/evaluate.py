@@ -205,21 +205,30 @@ def _rouge_tokenize(text: str) -> tuple[str, ...]:
 def mbr_pick(texts: list[str]) -> int:
     """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
     ROUGE-1/2/L F1 (Porter-stemmed, eval's default) against all the others; ties go to the earlier candidate (the
-    better beam). Each candidate is tokenized once and the pair scores are symmetric, so N candidates cost
-    N tokenizations and N(N-1)/2 comparisons."""
+    better beam). Samples repeat one another (at temperature 0.5 most of 32 are copies of a few), so each distinct
+    text is tokenized and compared once and weighted by its copies: the same choice as comparing all N(N-1)/2
+    pairs, for the cost of the distinct ones."""
     from rouge_score import rouge_scorer
 
-    tokens = [_rouge_tokenize(t) for t in texts]
+    distinct = list(dict.fromkeys(texts))  # first-seen order
+    which = {t: i for i, t in enumerate(distinct)}
+    copies = np.bincount([which[t] for t in texts], minlength=len(distinct))
+    tokens = [_rouge_tokenize(t) for t in distinct]
     grams = [(rouge_scorer._create_ngrams(t, 1), rouge_scorer._create_ngrams(t, 2)) for t in tokens]
-    support = np.zeros(len(texts))
-    for a in range(len(texts)):
-        for b in range(a + 1, len(texts)):
-            score = (rouge_scorer._score_ngrams(grams[a][0], grams[b][0]).fmeasure
-                     + rouge_scorer._score_ngrams(grams[a][1], grams[b][1]).fmeasure
-                     + rouge_scorer._score_lcs(tokens[a], tokens[b]).fmeasure) / 3
-            support[a] += score
-            support[b] += score
-    return int(np.argmax(support))
+
+    def score(a: int, b: int) -> float:
+        return (rouge_scorer._score_ngrams(grams[a][0], grams[b][0]).fmeasure
+                + rouge_scorer._score_ngrams(grams[a][1], grams[b][1]).fmeasure
+                + rouge_scorer._score_lcs(tokens[a], tokens[b]).fmeasure) / 3
+
+    support = np.zeros(len(distinct))
+    for a in range(len(distinct)):
+        support[a] += (copies[a] - 1) * score(a, a)  # its own other copies
+        for b in range(a + 1, len(distinct)):
+            s = score(a, b)
+            support[a] += copies[b] * s
+            support[b] += copies[a] * s
+    return int(np.argmax([support[which[t]] for t in texts]))
 
 
 def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[list[int]]]:

@@ -585,17 +585,22 @@ def test_graph_decoding_applies_only_to_plain_greedy(random_lm):
 
 
 def test_mbr_pick_is_the_candidate_with_the_highest_mean_rouge_against_the_others():
-    """mbr_pick's shortcut (tokenize once, symmetric pairs) against rouge-score's public scorer."""
+    """mbr_pick's shortcuts (distinct texts once, weighted by copies; symmetric pairs) against rouge-score's
+    public scorer over every pair."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     rng = np.random.default_rng(0)
     vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
-    for _ in range(20):
+    for trial in range(40):
         texts = [" ".join(rng.choice(vocab, size=rng.integers(3, 12))) for _ in range(rng.integers(2, 7))]
+        if trial % 2:  # samples repeat: draw the candidates from a few texts, copies included
+            texts = list(rng.choice(texts, size=rng.integers(2, 10)))
         support = [np.mean([np.mean([v.fmeasure for v in scorer.score(o, t).values()])
                             for j, o in enumerate(texts) if j != i]) for i, t in enumerate(texts)]
-        assert evaluate.mbr_pick(texts) == int(np.argmax(support))
+        pick = evaluate.mbr_pick(texts)
+        assert support[pick] == pytest.approx(max(support), abs=1e-12)  # sums in another order: ulp ties
+        assert texts.index(texts[pick]) == pick  # of identical copies, the first
     consensus = ["Tom is late for the meeting.", "Tom will be late for the meeting.",
                  "Mary calls Tom.", "Tom is late for the meeting again."]
     assert evaluate.mbr_pick(consensus) == 0
