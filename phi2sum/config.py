@@ -46,6 +46,11 @@ class ModelConfig(_Section):
     """Quantize the 4-bit quantization constants too (saves ~0.4 bit per weight)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel. SDPA accumulates in fp32, which keeps Phi-2's fp16 attention from overflowing."""
+    cudnn_attention: bool = True
+    """Let SDPA pick cuDNN's attention kernel where PyTorch offers it (H100/H200). Its kernel is fast, but every
+    call costs host time: ~2.3 ms forward and ~2.6 ms backward per layer on an H100 (torch 2.11), so a small
+    model whose step is short waits on the CPU (SmolLM2, micro-batch 128: GPU busy ~30% of the step).
+    false = PyTorch's flash or memory-efficient kernels (docs/RESULTS.md has the measured difference)."""
     trust_remote_code: bool = False
     """Allow model code from the hub repo to run (not needed for Phi-2 with current transformers)."""
 

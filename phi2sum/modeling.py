@@ -186,12 +186,21 @@ def pick_hardware(t: TrainConfig) -> Hardware:
 # Model
 
 
+def choose_attention_kernels(m: ModelConfig, device: torch.device) -> None:
+    """Allow or forbid cuDNN's SDPA kernel (model.cudnn_attention). A process-wide switch, as SDPA's backend
+    choice has no per-model setting; each attention call (and each compiled graph, when traced) reads it, so
+    setting it before the model first runs is enough. CPU runs never use cuDNN attention: left alone."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(m.cudnn_attention)
+
+
 def load_base(m: ModelConfig, hw: Hardware, path: str | None = None, quantize: bool = True):
     """The frozen base. Weights are stored in the compute dtype (fp16/bf16) on GPU, fp32 on CPU;
     4/8-bit through bitsandbytes when asked and on CUDA."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = path or base_path(m)
+    choose_attention_kernels(m, hw.device)
     kwargs = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=hw.dtype,
                   attn_implementation=m.attn_implementation)
     if quantize and m.quantization != "none":

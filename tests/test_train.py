@@ -647,3 +647,19 @@ def test_compiled_blocks_match_eager_loss_and_gradients(tiny_model, checkpointin
     # because its input (frozen embeddings) needs no gradient unless checkpointing makes it.
     assert frames["ok"] == (1 if checkpointing else 2)
     torch._dynamo.reset()
+
+
+def test_model_cudnn_attention_sets_sdpa_backend_switch_on_cuda_only():
+    """model.cudnn_attention reaches SDPA's process-wide switch for CUDA devices; CPU runs leave it alone."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        off = load_config(None, ["model.cudnn_attention=false"]).model
+        modeling.choose_attention_kernels(off, torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        modeling.choose_attention_kernels(off, torch.device("cuda", 0))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        modeling.choose_attention_kernels(load_config(None, []).model, torch.device("cuda", 0))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # the default lets PyTorch choose cuDNN
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
