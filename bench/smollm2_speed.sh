@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SmolLM2-135M speed probes (issue 7/5), each a fresh `phi2sum` process as users run it:
 # zero-shot eval of the 500 test dialogues under several generation settings (generation seconds come from
-# metrics.json), then 80 training steps of configs/smollm2.yaml under several settings (real tokens/s
+# metrics.json), then STEPS (default 80) training steps of configs/smollm2.yaml under several settings (real tokens/s
 # after step 20, from metrics.jsonl). Usage (GPU machine, after the install line):
 #   bash bench/smollm2_speed.sh /tmp/m/smollm2.gguf .gpu/data $OUT/smollm2_speed.jsonl
 set -uo pipefail
@@ -39,6 +39,9 @@ trains=("lora:" "lora-compile:--set train.compile=true" "lora-nodrop:--set lora.
         "full-b128:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128"
         "full-b128-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true"
         "full-b256-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=256 --set train.compile=true"
+        "full-b128-compile-cudnn:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true --set model.cudnn_attention=true"
+        "full-b128-compile-nocudnn:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true --set model.cudnn_attention=false"
+        "lora-compile-nocudnn:--set train.compile=true --set model.cudnn_attention=false"
         "full-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.compile=true")
 for v in "${trains[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
@@ -46,18 +49,18 @@ for v in "${trains[@]}"; do
   p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=${STEPS:-80} \
     --set train.eval_every=0 --set train.early_stopping_patience=0 --set train.save_every=100000 --set train.log_every=10 --set train.keep_best=false \
     "${extra[@]}" --overwrite 2>&1 | grep -E "error|tokens/s" | tail -n 2
-  python3 - "$name" "/tmp/spd-$name" "$results" <<'PY'
+  python3 - "$name" "/tmp/spd-$name" "$results" "${STEPS:-80}" <<'PY'
 import json, sys
-name, run, results = sys.argv[1:]
+name, run, results, steps = sys.argv[1:]
 try:
     log = [json.loads(x) for x in open(f"{run}/metrics.jsonl")]
     steady = [r["tokens_per_second"] for r in log if r["kind"] == "train" and r["step"] > 20]
     s = json.load(open(f"{run}/summary.json"))
-    row = {"probe": "train 80 steps", "variant": name, "steady_tokens_per_second": sum(steady) / len(steady),
+    row = {"probe": f"train {steps} steps", "variant": name, "steady_tokens_per_second": sum(steady) / len(steady),
            "whole_run_tokens_per_second": s["tokens_per_second"], "peak_memory_gib": s["peak_memory_gib"],
            "final_loss": s["train_loss"]}
 except Exception as e:
-    row = {"probe": "train 80 steps", "variant": name, "error": repr(e)}
+    row = {"probe": f"train {steps} steps", "variant": name, "error": repr(e)}
 print(json.dumps(row)); open(results, "a").write(json.dumps(row) + "\n")
 PY
 done
