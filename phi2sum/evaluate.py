@@ -205,9 +205,9 @@ def _rouge_tokenize(text: str) -> tuple[str, ...]:
 def mbr_pick(texts: list[str]) -> int:
     """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
     ROUGE-1/2/L F1 (Porter-stemmed, eval's default) against all the others; ties go to the earlier candidate (the
-    better beam). Samples repeat one another (at temperature 0.5 most of 32 are copies of a few), so each distinct
-    text is tokenized and compared once and weighted by its copies: the same choice as comparing all N(N-1)/2
-    pairs, for the cost of the distinct ones."""
+    better beam). Candidates can repeat one another (beams rarely, samples of a confident model more often), so
+    each distinct text is tokenized and compared once and weighted by its copies: the same choice as comparing
+    all N(N-1)/2 pairs, for the cost of the distinct ones."""
     from rouge_score import rouge_scorer
 
     distinct = list(dict.fromkeys(texts))  # first-seen order
