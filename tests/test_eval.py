@@ -584,6 +584,16 @@ def test_graph_decoding_applies_only_to_plain_greedy(random_lm):
     assert not evaluate.graph_decoding_applies(replace(random_lm, model=flash), GenerationConfig())
 
 
+def test_lcs_length_matches_rouge_scores_table():
+    from rouge_score import rouge_scorer
+
+    rng = np.random.default_rng(1)
+    for _ in range(500):  # few distinct tokens: many repeats and many equal-length alternatives
+        a, b = (tuple(rng.choice(list("abcde"), size=rng.integers(0, 20))) for _ in range(2))
+        want = rouge_scorer._lcs_table(a, b)[-1][-1] if a and b else 0
+        assert evaluate._lcs_length(a, b) == want == evaluate._lcs_length(b, a)
+
+
 def test_mbr_pick_is_the_candidate_with_the_highest_mean_rouge_against_the_others():
     """mbr_pick's shortcuts (distinct texts once, weighted by copies; symmetric pairs) against rouge-score's
     public scorer over every pair."""
