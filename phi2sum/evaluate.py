@@ -221,9 +221,9 @@ def _lcs_length(a: tuple, b: tuple) -> int:
 def mbr_pick(texts: list[str]) -> int:
     """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
     ROUGE-1/2/L F1 (Porter-stemmed, eval's default) against all the others; ties go to the earlier candidate (the
-    better beam). Candidates can repeat one another (beams rarely, samples of a confident model more often), so
-    each distinct text is tokenized and compared once and weighted by its copies: the same choice as comparing
-    all N(N-1)/2 pairs, for the cost of the distinct ones."""
+    better beam; supports within 1e-9 are ties). Candidates can repeat one another (beams rarely, samples of a
+    confident model more often), so each distinct text is tokenized and compared once and weighted by its
+    copies: the choice of comparing all N(N-1)/2 pairs, for the cost of the distinct ones."""
     from rouge_score import rouge_scorer, scoring
 
     distinct = list(dict.fromkeys(texts))  # first-seen order
@@ -240,12 +240,15 @@ def mbr_pick(texts: list[str]) -> int:
 
     support = np.zeros(len(distinct))
     for a in range(len(distinct)):
-        support[a] += (copies[a] - 1) * score(a, a)  # its own other copies
+        if copies[a] > 1:  # its own other copies: 1 for most texts, less for one word (no bigram), 0 for none
+            support[a] += (copies[a] - 1) * score(a, a)
         for b in range(a + 1, len(distinct)):
             s = score(a, b)
             support[a] += copies[b] * s
             support[b] += copies[a] * s
-    return int(np.argmax([support[which[t]] for t in texts]))
+    per_candidate = np.array([support[which[t]] for t in texts])
+    # Equal supports summed in different orders can differ in the last bit: within 1e-9 is a tie.
+    return int(np.flatnonzero(per_candidate >= per_candidate.max() - 1e-9)[0])
 
 
 def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[list[int]]]:
