@@ -32,6 +32,8 @@ def analyze(trace: dict, top: int = 15, drop_last: bool = False) -> dict:
     steps = sorted((e for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith("ProfilerStep")),
                    key=lambda e: e["ts"])
     steps = steps[:-1] if drop_last else steps
+    if not steps:
+        raise SystemExit("no recorded steps in the trace (raise --active, or drop --drop-last)")
     device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     rows = []
     for st in steps:
@@ -50,12 +52,23 @@ def analyze(trace: dict, top: int = 15, drop_last: bool = False) -> dict:
         if e.get("cat") in ("cpu_op", "cuda_runtime") and a <= e["ts"] < b:
             host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
             calls[e["name"]] = calls.get(e["name"], 0) + 1
+    # Single calls by duration, with their rank among same-named calls of their step (0 = first): a cost
+    # paid once per step (a plan built for a new shape) shows up as rank 0 of every step.
+    single = []
+    for k, st in enumerate(steps):
+        a_, b_ = st["ts"], st["ts"] + st["dur"]
+        rank: dict[str, int] = {}
+        for e in sorted((e for e in events if e.get("cat") == "cpu_op" and a_ <= e["ts"] < b_), key=lambda e: e["ts"]):
+            single.append({"op": e["name"][:100], "ms": round(e["dur"] / 1e3, 2), "step": k, "rank": rank.get(e["name"], 0)})
+            rank[e["name"]] = rank.get(e["name"], 0) + 1
     n = len(steps)
     wall = sum(r["wall_ms"] for r in rows)
     busy = sum(r["gpu_busy_ms"] for r in rows)
     return {"steps": rows, "wall_ms_per_step": wall / n, "gpu_busy_ms_per_step": busy / n,
             "gpu_busy_share": busy / wall,
-            "host_ms_per_step": [{"op": k[:100], "ms": round(v / 1e3 / n, 1), "calls": calls[k] // n}
+            "longest_host_calls": sorted(single, key=lambda x: -x["ms"])[:top],
+            # Inclusive times: an operation's time contains the operations it called, so do not add rows up.
+            "host_ms_per_step": [{"op": k[:100], "ms": round(v / 1e3 / n, 1), "calls": round(calls[k] / n, 1)}
                                  for k, v in sorted(host.items(), key=lambda kv: -kv[1])[:top]]}
 
 

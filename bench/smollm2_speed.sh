@@ -41,6 +41,7 @@ trains=("lora:" "lora-compile:--set train.compile=true" "lora-nodrop:--set lora.
         "full-b256-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=256 --set train.compile=true"
         "full-b128-compile-cudnn:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true --set model.cudnn_attention=true"
         "full-b128-compile-nocudnn:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true --set model.cudnn_attention=false"
+        "full-b128-compile-pad64:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true --set train.pad_to_multiple_of=64"
         "lora-compile-nocudnn:--set train.compile=true --set model.cudnn_attention=false"
         "full-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.compile=true")
 for v in "${trains[@]}"; do

@@ -46,11 +46,12 @@ class ModelConfig(_Section):
     """Quantize the 4-bit quantization constants too (saves ~0.4 bit per weight)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel. SDPA accumulates in fp32, which keeps Phi-2's fp16 attention from overflowing."""
-    cudnn_attention: bool = True
-    """Let SDPA pick cuDNN's attention kernel where PyTorch offers it (H100/H200). Its kernel is fast, but every
-    call costs host time: ~2.3 ms forward and ~2.6 ms backward per layer on an H100 (torch 2.11), so a small
-    model whose step is short waits on the CPU (SmolLM2, micro-batch 128: GPU busy ~30% of the step).
-    false = PyTorch's flash or memory-efficient kernels (docs/RESULTS.md has the measured difference)."""
+    cudnn_attention: bool | None = None
+    """Allow (true) or forbid (false) SDPA's cuDNN attention kernel on GPUs where PyTorch offers it (H100/H200);
+    unset leaves PyTorch's choice. cuDNN builds an execution plan for each new attention shape: in a profile of
+    SmolLM2's compiled step (micro-batch 128, H100) the first layer call of a step with a new padded width took
+    ~70-80 ms forward and ~60-90 ms backward of host time, the other 29 layers ~0.1 ms each. Whether turning
+    it off is faster overall is not measured yet (docs/RESULTS.md)."""
     trust_remote_code: bool = False
     """Allow model code from the hub repo to run (not needed for Phi-2 with current transformers)."""
 
@@ -140,6 +141,11 @@ class TrainConfig(_Section):
     """Recompute activations in backward: much less memory, ~30% slower."""
     group_by_length: bool = True
     """Batch sequences of similar length together (less padding, same randomness across epochs)."""
+    pad_to_multiple_of: int = Field(1, ge=1, le=1024)
+    """Pad each micro-batch's width up to a multiple of this (1 = to its longest row). Fewer distinct widths
+    mean fewer one-off costs per new shape: cuDNN's attention plan took ~150 ms of host time on each step with
+    a new width (SmolLM2 profile, H100). Costs padded compute; throughput counts real tokens only. Speed effect
+    not measured yet."""
     seed: int = 42
     """Seed for data order, LoRA init and dropout."""
     log_every: int = Field(10, ge=1)

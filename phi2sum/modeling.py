@@ -187,11 +187,17 @@ def pick_hardware(t: TrainConfig) -> Hardware:
 
 
 def choose_attention_kernels(m: ModelConfig, device: torch.device) -> None:
-    """Allow or forbid cuDNN's SDPA kernel (model.cudnn_attention). A process-wide switch, as SDPA's backend
-    choice has no per-model setting; each attention call (and each compiled graph, when traced) reads it, so
-    setting it before the model first runs is enough. CPU runs never use cuDNN attention: left alone."""
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(m.cudnn_attention)
+    """Apply model.cudnn_attention. SDPA's backend choice is a process-wide switch (no per-model setting);
+    attention calls read it as they run and torch.compile when it traces, so setting it before the model first
+    runs is enough. The compile caches on disk do not key on it: without the tag below, a graph traced with
+    cuDNN on would be reused by a later process that turned it off (and the reverse). CPU runs: left alone."""
+    if device.type != "cuda" or m.cudnn_attention is None:
+        return
+    torch.backends.cuda.enable_cudnn_sdp(m.cudnn_attention)
+    config = getattr(torch.compiler, "config", None)
+    if config is not None and hasattr(config, "cache_key_tag"):
+        kept = [p for p in config.cache_key_tag.split(";") if p and not p.startswith("phi2sum-cudnn-sdp=")]
+        config.cache_key_tag = ";".join(kept + [f"phi2sum-cudnn-sdp={int(m.cudnn_attention)}"])
 
 
 def load_base(m: ModelConfig, hw: Hardware, path: str | None = None, quantize: bool = True):

@@ -649,17 +649,53 @@ def test_compiled_blocks_match_eager_loss_and_gradients(tiny_model, checkpointin
     torch._dynamo.reset()
 
 
-def test_model_cudnn_attention_sets_sdpa_backend_switch_on_cuda_only():
-    """model.cudnn_attention reaches SDPA's process-wide switch for CUDA devices; CPU runs leave it alone."""
-    before = torch.backends.cuda.cudnn_sdp_enabled()
+def test_model_cudnn_attention_sets_sdpa_switch_and_compile_cache_key_on_cuda_only():
+    """model.cudnn_attention reaches SDPA's process-wide switch for CUDA devices, and the compile caches' key
+    (a graph traced with the other setting must not be reused); CPU runs and the unset default leave both alone."""
+    before, tag = torch.backends.cuda.cudnn_sdp_enabled(), torch.compiler.config.cache_key_tag
     try:
         torch.backends.cuda.enable_cudnn_sdp(True)
+        torch.compiler.config.cache_key_tag = "users-own"
         off = load_config(None, ["model.cudnn_attention=false"]).model
         modeling.choose_attention_kernels(off, torch.device("cpu"))
-        assert torch.backends.cuda.cudnn_sdp_enabled()
+        modeling.choose_attention_kernels(load_config(None, []).model, torch.device("cuda", 0))
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.compiler.config.cache_key_tag == "users-own"
         modeling.choose_attention_kernels(off, torch.device("cuda", 0))
         assert not torch.backends.cuda.cudnn_sdp_enabled()
-        modeling.choose_attention_kernels(load_config(None, []).model, torch.device("cuda", 0))
-        assert torch.backends.cuda.cudnn_sdp_enabled()  # the default lets PyTorch choose cuDNN
+        assert torch.compiler.config.cache_key_tag == "users-own;phi2sum-cudnn-sdp=0"
+        modeling.choose_attention_kernels(load_config(None, ["model.cudnn_attention=true"]).model, torch.device("cuda", 0))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.compiler.config.cache_key_tag == "users-own;phi2sum-cudnn-sdp=1"
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+        torch.compiler.config.cache_key_tag = tag
+
+
+def test_pad_to_multiple_changes_widths_not_the_loss_or_gradients(tiny_model):
+    """train.pad_to_multiple_of rounds each micro-batch's width up; the extra columns are padding (masked, no
+    labels), so the summed loss and every gradient match the unpadded batch."""
+    from transformers import AutoModelForCausalLM
+
+    from phi2sum.train import SummaryLoss, collate
+
+    gen = torch.Generator().manual_seed(3)
+    rows = [(torch.randint(3, 60, (n,), generator=gen).tolist(), n // 2) for n in (11, 7, 9)]
+    assert collate(rows, 0)["input_ids"].shape[1] == 11
+    assert collate(rows, 0, 8)["input_ids"].shape[1] == 16 and collate(rows, 0, 11)["input_ids"].shape[1] == 11
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).train()
+    model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    out = []
+    for multiple in (1, 16):
+        model.zero_grad()
+        batch = collate(rows, 0, multiple)
+        assert int(batch["attention_mask"].sum()) == sum(len(ids) for ids, _ in rows)
+        loss = SummaryLoss(model)(**batch)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
