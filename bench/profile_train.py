@@ -48,25 +48,39 @@ def analyze(trace: dict, top: int = 15, drop_last: bool = False) -> dict:
     a, b = steps[0]["ts"], steps[-1]["ts"] + steps[-1]["dur"]
     host: dict[str, float] = {}
     calls: dict[str, int] = {}
-    for e in events:
-        if e.get("cat") in ("cpu_op", "cuda_runtime") and a <= e["ts"] < b:
-            host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
-            calls[e["name"]] = calls.get(e["name"], 0) + 1
-    # Single calls by duration, with their rank among same-named calls of their step (0 = first): a cost
-    # paid once per step (a plan built for a new shape) shows up as rank 0 of every step.
-    single = []
+    open_until: dict[str, float] = {}
+    for e in sorted((e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime") and a <= e["ts"] < b),
+                    key=lambda e: e["ts"]):
+        if e["ts"] < open_until.get(e["name"], -1):
+            continue  # inside a call of the same name: already counted by the outer one
+        open_until[e["name"]] = e["ts"] + e["dur"]
+        host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
+        calls[e["name"]] = calls.get(e["name"], 0) + 1
+    # Single calls, outermost only (an op that calls itself, as eager SDPA does, would count twice), with their
+    # rank among same-named calls of their step (0 = first; in the backward pass the first call is the last
+    # layer's). A cost paid once per step, such as a plan built for a new shape, shows up at rank 0.
+    single, first_calls = [], {}
     for k, st in enumerate(steps):
         a_, b_ = st["ts"], st["ts"] + st["dur"]
         rank: dict[str, int] = {}
+        open_until: dict[str, float] = {}
         for e in sorted((e for e in events if e.get("cat") == "cpu_op" and a_ <= e["ts"] < b_), key=lambda e: e["ts"]):
-            single.append({"op": e["name"][:100], "ms": round(e["dur"] / 1e3, 2), "step": k, "rank": rank.get(e["name"], 0)})
-            rank[e["name"]] = rank.get(e["name"], 0) + 1
+            if e["ts"] < open_until.get(e["name"], -1):
+                continue
+            open_until[e["name"]] = e["ts"] + e["dur"]
+            r = rank.get(e["name"], 0)
+            single.append({"op": e["name"][:100], "ms": round(e["dur"] / 1e3, 2), "step": k, "rank": r})
+            if r == 0:
+                first_calls.setdefault(e["name"][:100], []).append(round(e["dur"] / 1e3, 2))
+            rank[e["name"]] = r + 1
     n = len(steps)
     wall = sum(r["wall_ms"] for r in rows)
     busy = sum(r["gpu_busy_ms"] for r in rows)
     return {"steps": rows, "wall_ms_per_step": wall / n, "gpu_busy_ms_per_step": busy / n,
             "gpu_busy_share": busy / wall,
             "longest_host_calls": sorted(single, key=lambda x: -x["ms"])[:top],
+            # Each step's first call of the ops whose first calls took longest (ms, one value per step).
+            "first_call_ms": dict(sorted(first_calls.items(), key=lambda kv: -sum(kv[1]))[:top]),
             # Inclusive times: an operation's time contains the operations it called, so do not add rows up.
             "host_ms_per_step": [{"op": k[:100], "ms": round(v / 1e3 / n, 1), "calls": round(calls[k] / n, 1)}
                                  for k, v in sorted(host.items(), key=lambda kv: -kv[1])[:top]]}
@@ -91,27 +105,45 @@ def main() -> None:
                                          "train.keep_best=false", "train.log_every=1"])
     sched = torch.profiler.schedule(wait=a.skip, warmup=1, active=a.active, repeat=1)
     seen = [0]
+    widths: list[list[int]] = [[]]  # padded widths of the micro-batches each training step collated
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
                                 schedule=sched) as prof:
-        lr_at = train_mod.lr_at
+        lr_at, collate = train_mod.lr_at, train_mod.collate
 
         def stepping(*args, **kw):
             if seen[0]:
                 prof.step()
             seen[0] += 1
+            widths.append([])
             return lr_at(*args, **kw)
 
-        train_mod.lr_at = stepping
+        def recording(*args, **kw):
+            batch = collate(*args, **kw)
+            widths[-1].append(int(batch["input_ids"].shape[1]))
+            return batch
+
+        train_mod.lr_at, train_mod.collate = stepping, recording
         try:
             result = train_mod.train(cfg, overwrite=True)
         finally:
-            train_mod.lr_at = lr_at
+            train_mod.lr_at, train_mod.collate = lr_at, collate
     trace = a.out / "trace.json"
     prof.export_chrome_trace(str(trace))
     with open(trace, "rb") as src, gzip.open(a.out / "trace.json.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     found = analyze(json.load(open(trace)))
     trace.unlink()
+    # lr_at runs after a step's backward, so ProfilerStep#k spans training step k+1's optimizer update and step
+    # k+2's collation, forward and backward: its widths are widths[k+1] (widths[0] = step 1). "new" = a width no
+    # earlier training batch had (validation batches excluded), which is when a per-shape plan would be built.
+    seen_widths: set[int] = set()
+    new_width = []
+    for ws in widths:
+        new_width.append(any(w not in seen_widths for w in ws))
+        seen_widths.update(ws)
+    for row in found["steps"]:
+        k = int(row["step"].split("#")[1]) + 1
+        row["train_step"], row["widths"], row["new_width"] = k + 1, widths[k], new_width[k]
     summary = {"config": a.config, "overrides": a.set,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "whole_run_tokens_per_second": result.tokens_per_second,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sixth session, last call (issue 7): round23's profile showed cuDNN's SDPA costing ~150 ms of host time per
-# step (a plan built on the first layer's call for each new batch width), the GPU idle ~70% of a compiled full
+# step (the first cuDNN call of each step: most likely a plan built per new batch width), the GPU idle ~70% of a compiled full
 # fine-tune step at micro-batch 128. Same settings with model.cudnn_attention=false (flash / memory-efficient SDPA), same call.
 # Not a valid comparison as run: the second process reused the first one's compile cache (see the README).
 # (As run, the baseline was named full-b128-compile: configs/smollm2.yaml did not set cudnn_attention yet.)

@@ -47,7 +47,9 @@ trains=("lora:" "lora-compile:--set train.compile=true" "lora-nodrop:--set lora.
 for v in "${trains[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
   keep "$name" || continue
-  p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=${STEPS:-80} \
+  # Its own Inductor cache per variant: a variant must not reuse another's compiled graphs (they can differ in
+  # ways the cache key misses, e.g. SDPA's backend), and whole-run figures then all include a cold compile.
+  TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$name p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=${STEPS:-80} \
     --set train.eval_every=0 --set train.early_stopping_patience=0 --set train.save_every=100000 --set train.log_every=10 --set train.keep_best=false \
     "${extra[@]}" --overwrite 2>&1 | grep -E "error|tokens/s" | tail -n 2
   python3 - "$name" "/tmp/spd-$name" "$results" "${STEPS:-80}" <<'PY'

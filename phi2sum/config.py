@@ -48,10 +48,10 @@ class ModelConfig(_Section):
     """Attention kernel. SDPA accumulates in fp32, which keeps Phi-2's fp16 attention from overflowing."""
     cudnn_attention: bool | None = None
     """Allow (true) or forbid (false) SDPA's cuDNN attention kernel on GPUs where PyTorch offers it (H100/H200);
-    unset leaves PyTorch's choice. cuDNN builds an execution plan for each new attention shape: in a profile of
-    SmolLM2's compiled step (micro-batch 128, H100) the first layer call of a step with a new padded width took
-    ~70-80 ms forward and ~60-90 ms backward of host time, the other 29 layers ~0.1 ms each. Whether turning
-    it off is faster overall is not measured yet (docs/RESULTS.md)."""
+    unset leaves PyTorch's choice. In a profile of SmolLM2's compiled step (micro-batch 128, H100) the first
+    cuDNN attention call of a step took 53-79 ms of host time forward and 58-94 ms backward, later calls ~0.1 ms
+    (most likely a plan built per new batch width). Whether turning it off is faster overall is not measured
+    yet (docs/RESULTS.md)."""
     trust_remote_code: bool = False
     """Allow model code from the hub repo to run (not needed for Phi-2 with current transformers)."""
 
@@ -143,9 +143,9 @@ class TrainConfig(_Section):
     """Batch sequences of similar length together (less padding, same randomness across epochs)."""
     pad_to_multiple_of: int = Field(1, ge=1, le=1024)
     """Pad each micro-batch's width up to a multiple of this (1 = to its longest row). Fewer distinct widths
-    mean fewer one-off costs per new shape: cuDNN's attention plan took ~150 ms of host time on each step with
-    a new width (SmolLM2 profile, H100). Costs padded compute; throughput counts real tokens only. Speed effect
-    not measured yet."""
+    mean fewer one-off costs per new shape (most likely what cuDNN attention's ~150 ms of host time per step is
+    in the SmolLM2 profile, docs/RESULTS.md). Costs padded compute; throughput counts real tokens only; never
+    pads past data.max_length. Speed effect not measured yet."""
     seed: int = 42
     """Seed for data order, LoRA init and dropout."""
     log_every: int = Field(10, ge=1)

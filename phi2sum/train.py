@@ -75,9 +75,11 @@ class SummaryLoss(nn.Module):
         return nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
-def collate(rows: list[tuple[list[int], int]], pad_id: int, multiple: int = 1) -> dict:
-    # Right padding: positions count from 0 at the first real token, as in generation.
-    width = -(-max(len(ids) for ids, _ in rows) // multiple) * multiple
+def collate(rows: list[tuple[list[int], int]], pad_id: int, multiple: int = 1, cap: int | None = None) -> dict:
+    # Right padding: positions count from 0 at the first real token, as in generation. Rounding the width up
+    # to `multiple` stops at `cap` (data.max_length), so padding never reaches positions a row could not.
+    longest = max(len(ids) for ids, _ in rows)
+    width = max(longest, min(-(-longest // multiple) * multiple, cap or longest * multiple))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -319,14 +321,15 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def evaluate_loss(loss_model, rows, batch_size, pad_id, device, accelerator, multiple: int = 1) -> float:
+def evaluate_loss(loss_model, rows, batch_size, pad_id, device, accelerator, multiple: int = 1,
+                  cap: int | None = None) -> float:
     loss_model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     mine = rows[accelerator.process_index :: accelerator.num_processes]
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(device) for k, v in collate(mine[i : i + batch_size], pad_id, multiple).items()}
+            batch = {k: v.to(device) for k, v in collate(mine[i : i + batch_size], pad_id, multiple, cap).items()}
             with accelerator.autocast():
                 total += loss_model(**batch).float()
             count += (batch["labels"][:, 1:] != -100).sum()
@@ -474,7 +477,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
                 batches_epoch = epoch
             group = batches[within * micro_per_step : (within + 1) * micro_per_step]
             mine = group[accelerator.process_index :: world]
-            micro = [collate([train_rows[i] for i in b], pad_id, t.pad_to_multiple_of) for b in mine]
+            micro = [collate([train_rows[i] for i in b], pad_id, t.pad_to_multiple_of, cfg.data.max_length)
+                     for b in mine]
             # Normalise by the step's summary tokens over all micro-batches and processes, so the
             # gradient is the same whatever the batch split (DDP averages, hence the * world).
             local_tokens = torch.tensor(sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro), device=device)
@@ -535,7 +539,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
                 bar.update(task, completed=step)
             if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
                 eval_loss = evaluate_loss(loss_model, val_rows, t.batch_size, pad_id, device, accelerator,
-                                          t.pad_to_multiple_of)
+                                          t.pad_to_multiple_of, cfg.data.max_length)
                 log({"kind": "eval", "step": step, "eval_loss": eval_loss})
                 if main:
                     bar.console.print(f"step {step}: validation loss {eval_loss:.4f}")

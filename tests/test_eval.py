@@ -615,7 +615,9 @@ def test_mbr_pick_is_the_candidate_with_the_highest_mean_rouge_against_the_other
         assert pick == best[0]
     # Copies' self-scores decide these: one word scores itself 2/3 (no bigram), an empty text 0.
     assert evaluate.mbr_pick(["a", "a", "a b", "b"]) == 2
-    assert evaluate.mbr_pick(["", "", "a b"]) == 0
+    assert evaluate.mbr_pick(["", "", "a b", "a b c"]) == 2
+    # An exact tie whose two sums differ in the last bit: the earlier candidate wins.
+    assert evaluate.mbr_pick(["and the early", "Tom", "for Tom will will will", "the call is", "Mary bus"]) == 0
     consensus = ["Tom is late for the meeting.", "Tom will be late for the meeting.",
                  "Mary calls Tom.", "Tom is late for the meeting again."]
     assert evaluate.mbr_pick(consensus) == 0

@@ -682,6 +682,8 @@ def test_pad_to_multiple_changes_widths_not_the_loss_or_gradients(tiny_model):
     rows = [(torch.randint(3, 60, (n,), generator=gen).tolist(), n // 2) for n in (11, 7, 9)]
     assert collate(rows, 0)["input_ids"].shape[1] == 11
     assert collate(rows, 0, 8)["input_ids"].shape[1] == 16 and collate(rows, 0, 11)["input_ids"].shape[1] == 11
+    assert collate(rows, 0, 8, cap=12)["input_ids"].shape[1] == 12  # never past data.max_length...
+    assert collate(rows, 0, 8, cap=10)["input_ids"].shape[1] == 11  # ...nor shorter than the longest row
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).train()
     model.config.resid_pdrop = model.config.embd_pdrop = 0.0
@@ -699,3 +701,20 @@ def test_pad_to_multiple_changes_widths_not_the_loss_or_gradients(tiny_model):
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_and_its_evaluations_pad_to_the_configured_multiple(make_config, monkeypatch):
+    """train.pad_to_multiple_of reaches every batch the loop builds, training and validation alike."""
+    widths = []
+    real_collate = train_mod.collate
+
+    def recording(*args, **kwargs):
+        batch = real_collate(*args, **kwargs)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(train_mod, "collate", recording)
+    cfg = load_config(make_config(train={"pad_to_multiple_of": 64, "max_steps": 3, "eval_every": 3}))
+    train(cfg, overwrite=True)
+    assert len(widths) >= 3 * 2 + 2  # 3 steps x 2 micro-batches, then 8 validation rows in batches of 4
+    assert all(w % 64 == 0 or w == cfg.data.max_length for w in widths)
