@@ -45,34 +45,32 @@ def analyze(trace: dict, top: int = 15, drop_last: bool = False) -> dict:
                 busy += y - max(x, end)
                 end = y
         rows.append({"step": st["name"], "wall_ms": st["dur"] / 1e3, "gpu_busy_ms": busy / 1e3})
-    a, b = steps[0]["ts"], steps[-1]["ts"] + steps[-1]["dur"]
+    # Host operations, outermost call only (an op that calls itself, as eager SDPA does, would count twice):
+    # totals per name, and single calls with their rank among same-named calls of their step (0 = first; in the
+    # backward pass the first call is the last layer's). A cost paid once per step, such as a plan built for a
+    # new shape, shows up at rank 0.
     host: dict[str, float] = {}
     calls: dict[str, int] = {}
-    open_until: dict[str, float] = {}
-    for e in sorted((e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime") and a <= e["ts"] < b),
-                    key=lambda e: e["ts"]):
-        if e["ts"] < open_until.get(e["name"], -1):
-            continue  # inside a call of the same name: already counted by the outer one
-        open_until[e["name"]] = e["ts"] + e["dur"]
-        host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
-        calls[e["name"]] = calls.get(e["name"], 0) + 1
-    # Single calls, outermost only (an op that calls itself, as eager SDPA does, would count twice), with their
-    # rank among same-named calls of their step (0 = first; in the backward pass the first call is the last
-    # layer's). A cost paid once per step, such as a plan built for a new shape, shows up at rank 0.
     single, first_calls = [], {}
     for k, st in enumerate(steps):
-        a_, b_ = st["ts"], st["ts"] + st["dur"]
+        a, b = st["ts"], st["ts"] + st["dur"]
         rank: dict[str, int] = {}
         open_until: dict[str, float] = {}
-        for e in sorted((e for e in events if e.get("cat") == "cpu_op" and a_ <= e["ts"] < b_), key=lambda e: e["ts"]):
-            if e["ts"] < open_until.get(e["name"], -1):
+        for e in sorted((e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime") and a <= e["ts"] < b),
+                        key=lambda e: e["ts"]):
+            name = e["name"]
+            if e["ts"] < open_until.get(name, -1):
+                continue  # inside a call of the same name: counted by the outer one
+            open_until[name] = e["ts"] + e["dur"]
+            host[name] = host.get(name, 0.0) + e["dur"]
+            calls[name] = calls.get(name, 0) + 1
+            if e["cat"] != "cpu_op":
                 continue
-            open_until[e["name"]] = e["ts"] + e["dur"]
-            r = rank.get(e["name"], 0)
-            single.append({"op": e["name"][:100], "ms": round(e["dur"] / 1e3, 2), "step": k, "rank": r})
+            r = rank.get(name, 0)
+            single.append({"op": name[:100], "ms": round(e["dur"] / 1e3, 2), "step": k, "rank": r})
             if r == 0:
-                first_calls.setdefault(e["name"][:100], []).append(round(e["dur"] / 1e3, 2))
-            rank[e["name"]] = r + 1
+                first_calls.setdefault(name[:100], []).append(round(e["dur"] / 1e3, 2))
+            rank[name] = r + 1
     n = len(steps)
     wall = sum(r["wall_ms"] for r in rows)
     busy = sum(r["gpu_busy_ms"] for r in rows)

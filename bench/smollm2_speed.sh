@@ -32,18 +32,21 @@ except Exception as e:
 print(json.dumps(row)); open(results, "a").write(json.dumps(row) + "\n")
 PY
 done
+# The full fine-tune's settings, shared by its variants (expanded into each string; `read -ra` splits it).
+full="--set lora.enabled=false --set train.learning_rate=1e-4"
+full128c="$full --set train.batch_size=128 --set train.compile=true"
 trains=("lora:" "lora-compile:--set train.compile=true" "lora-nodrop:--set lora.dropout=0" "lora-nodrop-compile:--set lora.dropout=0 --set train.compile=true"
-        "full:--set lora.enabled=false --set train.learning_rate=1e-4" "lora-nodrop-b64:--set lora.dropout=0 --set train.batch_size=64"
+        "full:$full" "lora-nodrop-b64:--set lora.dropout=0 --set train.batch_size=64"
         "lora-nodrop-b128:--set lora.dropout=0 --set train.batch_size=128"
         "lora-nodrop-b128-compile:--set lora.dropout=0 --set train.batch_size=128 --set train.compile=true"
-        "full-b128:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128"
-        "full-b128-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true"
-        "full-b256-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=256 --set train.compile=true"
-        "full-b128-compile-cudnn:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true --set model.cudnn_attention=true"
-        "full-b128-compile-nocudnn:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true --set model.cudnn_attention=false"
-        "full-b128-compile-pad64:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.batch_size=128 --set train.compile=true --set train.pad_to_multiple_of=64"
+        "full-b128:$full --set train.batch_size=128"
+        "full-b128-compile:$full128c"
+        "full-b256-compile:$full --set train.batch_size=256 --set train.compile=true"
+        "full-b128-compile-cudnn:$full128c --set model.cudnn_attention=true"
+        "full-b128-compile-nocudnn:$full128c --set model.cudnn_attention=false"
+        "full-b128-compile-pad64:$full128c --set train.pad_to_multiple_of=64"
         "lora-compile-nocudnn:--set train.compile=true --set model.cudnn_attention=false"
-        "full-compile:--set lora.enabled=false --set train.learning_rate=1e-4 --set train.compile=true")
+        "full-compile:$full --set train.compile=true")
 for v in "${trains[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
   keep "$name" || continue

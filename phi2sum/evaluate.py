@@ -233,7 +233,7 @@ def mbr_pick(texts: list[str]) -> int:
     grams = [(rouge_scorer._create_ngrams(t, 1), rouge_scorer._create_ngrams(t, 2)) for t in tokens]
 
     def score(a: int, b: int) -> float:
-        lcs = _lcs_length(tokens[a], tokens[b]) if tokens[a] and tokens[b] else 0
+        lcs = _lcs_length(tokens[a], tokens[b])  # 0 when either is empty
         rouge_l = scoring.fmeasure(lcs / len(tokens[a]), lcs / len(tokens[b])) if lcs else 0.0  # rouge-score's formula
         return (rouge_scorer._score_ngrams(grams[a][0], grams[b][0]).fmeasure
                 + rouge_scorer._score_ngrams(grams[a][1], grams[b][1]).fmeasure + rouge_l) / 3

@@ -79,7 +79,9 @@ def collate(rows: list[tuple[list[int], int]], pad_id: int, multiple: int = 1, c
     # Right padding: positions count from 0 at the first real token, as in generation. Rounding the width up
     # to `multiple` stops at `cap` (data.max_length), so padding never reaches positions a row could not.
     longest = max(len(ids) for ids, _ in rows)
-    width = max(longest, min(-(-longest // multiple) * multiple, cap or longest * multiple))
+    width = -(-longest // multiple) * multiple
+    if cap is not None:
+        width = max(longest, min(width, cap))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
