@@ -62,13 +62,17 @@ class SummaryLoss(nn.Module):
     the output head: with ~10x more prompt than summary tokens this skips most of the vocab-sized
     logits (51,200 x seq for Phi-2), the largest activation of the step."""
 
-    def __init__(self, model):
+    def __init__(self, model, padding_mask: bool = True):
         super().__init__()
         self.model = model
+        self.padding_mask = padding_mask
 
     def forward(self, input_ids, attention_mask, labels):
         causal_lm = modeling.unwrap_peft(self.model)
-        hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        # collate pads on the right, so under a causal mask no real token sees a pad: the padding mask
+        # changes nothing the loss reads (train.padding_mask), and without one SDPA takes its causal kernels.
+        mask = attention_mask if self.padding_mask else None
+        hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)[0]
         targets = labels[:, 1:]
         keep = targets != -100
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
@@ -246,6 +250,10 @@ def _same_setup(saved: Path, cfg: RunConfig) -> None:
     import yaml
 
     old = yaml.safe_load(saved.read_text())
+    try:  # a run saved before a setting existed lacks it: compare with its default filled in
+        old = RunConfig.model_validate(old).model_dump(mode="json")
+    except Exception:  # not a valid config now (a setting since removed): compare as written
+        pass
     new = cfg.model_dump(mode="json")
     for section in ("model", "lora", "data"):
         if old.get(section) != new[section]:
@@ -398,7 +406,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = make_optimizer(trainable, t, accelerator.device.type)
-    loss_model = SummaryLoss(model)
+    loss_model = SummaryLoss(model, t.padding_mask)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     scaler = accelerator.scaler
 

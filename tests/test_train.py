@@ -406,6 +406,13 @@ def test_existing_run_needs_overwrite_or_resume_and_the_same_setup(tmp_path, tin
         lines = error_lines(result.output)
         assert len(lines) == 1 and f"the {section} settings differ" in lines[0], result.output
 
+    # A run saved before a setting existed (here model.cudnn_attention, at its default) resumes.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["model"]["cudnn_attention"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    result = runner.invoke(app, ["train", "--config", str(config), "--resume", "--set", "train.max_steps=3"])
+    assert result.exit_code == 0, result.output
+
     (run / "stale.txt").write_text("from the old run")
     result = runner.invoke(app, ["train", "--config", str(config), "--overwrite", "--set", "train.learning_rate=1e-2"])
     assert result.exit_code == 0, result.output
@@ -718,3 +725,57 @@ def test_train_and_its_evaluations_pad_to_the_configured_multiple(make_config, m
     train(cfg, overwrite=True)
     assert len(widths) >= 3 * 2 + 2  # 3 steps x 2 micro-batches, then 8 validation rows in batches of 4
     assert all(w % 64 == 0 or w == cfg.data.max_length for w in widths)
+
+
+@pytest.mark.parametrize("family", ["phi", "llama"])
+def test_dropping_the_padding_mask_changes_neither_loss_nor_gradients(tiny_model, family):
+    """train.padding_mask: false (the default) leaves the mask out of the model call. Rows are right-padded
+    and attention is causal, so no real token attends to a pad: the summed loss and every gradient equal the
+    masked call's, for Phi-2's family and Llama's (SmolLM2's)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from phi2sum.train import SummaryLoss, collate
+
+    torch.manual_seed(0)
+    if family == "phi":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    gen = torch.Generator().manual_seed(4)
+    batch = collate([(torch.randint(3, 60, (n,), generator=gen).tolist(), n // 2) for n in (13, 4, 9, 13)], 0, 8)
+    assert batch["input_ids"].shape[1] == 16 and not batch["attention_mask"].all()  # padding is really there
+    out = []
+    for padding_mask in (True, False):
+        model.zero_grad()
+        loss = SummaryLoss(model, padding_mask)(**batch)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A left-padded row would see its pads without the mask: the same batch shifted right changes the loss,
+    # so the equality above is not one the model would give whatever it was passed.
+    shifted = {k: torch.roll(v, 3, dims=1) for k, v in batch.items()}
+    with torch.no_grad():
+        masked, unmasked = (SummaryLoss(model, flag)(**shifted) for flag in (True, False))
+    assert not torch.allclose(masked, unmasked, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("setting", [None, True])
+def test_train_hands_the_padding_mask_setting_to_its_loss(make_config, monkeypatch, setting):
+    seen = set()
+    real_forward = train_mod.SummaryLoss.forward
+
+    def forward(self, *args, **kwargs):
+        seen.add(self.padding_mask)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.SummaryLoss, "forward", forward)
+    extra = {} if setting is None else {"padding_mask": setting}
+    train(load_config(make_config(train={"max_steps": 1, "eval_every": 1, **extra})), overwrite=True)
+    assert seen == {bool(setting)}
