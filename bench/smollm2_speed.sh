@@ -11,7 +11,7 @@ common=(--set "model.name=$gguf" --set "data.source=$data" --set data.cache_dir=
 # The speed probes time greedy decoding in batches of 512 (configs/smollm2.yaml ships beam search).
 greedy=(--set generation.num_beams=1 --set generation.length_penalty=1.0 --set generation.batch_size=512)
 nvidia-smi --query-gpu=name --format=csv,noheader
-# ONLY="batch512 static" runs just those variants (evals and trains by name).
+# ONLY="batch512 static" runs just those variants (evals and trains by name), in this script's order, not ONLY's.
 keep() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
 evals=("batch512:" "budget64k:--set generation.batch_tokens=64000" "budget160k:--set generation.batch_tokens=160000"
        "static:--set generation.cache=static" "generate:--set generation.cuda_graph=false")
@@ -32,6 +32,8 @@ except Exception as e:
 print(json.dumps(row)); open(results, "a").write(json.dumps(row) + "\n")
 PY
 done
+# Since the seventh session train.padding_mask defaults to false: every variant without "-mask" in its name runs
+# without the padding mask (earlier rounds' figures are with it).
 # The full fine-tune's settings, shared by its variants (expanded into each string; `read -ra` splits it).
 full="--set lora.enabled=false --set train.learning_rate=1e-4"
 full128c="$full --set train.batch_size=128 --set train.compile=true"
@@ -45,6 +47,10 @@ trains=("lora:" "lora-compile:--set train.compile=true" "lora-nodrop:--set lora.
         "full-b128-compile-cudnn:$full128c --set model.cudnn_attention=true"
         "full-b128-compile-nocudnn:$full128c --set model.cudnn_attention=false"
         "full-b128-compile-pad64:$full128c --set train.pad_to_multiple_of=64"
+        "full-b128-compile-mask:$full128c --set train.padding_mask=true"
+        "full-b128-compile-mask-pad64:$full128c --set train.padding_mask=true --set train.pad_to_multiple_of=64"
+        "lora-compile-mask:--set train.compile=true --set train.padding_mask=true"
+        "lora-compile-pad64:--set train.compile=true --set train.pad_to_multiple_of=64"
         "lora-compile-nocudnn:--set train.compile=true --set model.cudnn_attention=false"
         "full-compile:$full --set train.compile=true")
 for v in "${trains[@]}"; do
