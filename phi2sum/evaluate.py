@@ -16,7 +16,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,7 @@ class Generated:
     hit_max: bool  # stopped by max_new_tokens, not by the stop token
     run_on: bool  # the model kept going past the summary (a new turn or prompt appeared)
     truncated_input: bool
+    candidates: tuple[str, ...] = ()  # with MBR: every candidate's text in generation order (text is one of them)
 
 
 def clean_summary(raw: str) -> tuple[str, bool]:
@@ -175,7 +176,11 @@ def _generate_batches(loaded: Loaded, prompts: list, gen: GenerationConfig, on_b
             continue
         for i, candidates in zip(idx, new_tokens):
             finished = [_finish(loaded, tokens, prompts[i][1]) for tokens in candidates]
-            results[i] = finished[mbr_pick([g.text for g in finished])] if len(finished) > 1 else finished[0]
+            if len(finished) > 1:
+                texts = [g.text for g in finished]
+                results[i] = replace(finished[mbr_pick(texts)], candidates=tuple(texts))
+            else:
+                results[i] = finished[0]
         if on_batch:
             on_batch(len(idx))
     return results  # type: ignore[return-value]
@@ -218,9 +223,10 @@ def _lcs_length(a: tuple, b: tuple) -> int:
     return len(b) - bin(row).count("1")
 
 
-def mbr_pick(texts: list[str]) -> int:
+def mbr_pick(texts: list[str], weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> int:
     """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
-    ROUGE-1/2/L F1 (Porter-stemmed, eval's default) against all the others; ties go to the earlier candidate (the
+    ROUGE-1/2/L F1 (Porter-stemmed, eval's default; `weights` weighs the three, for bench/mbr_rescore.py's
+    comparisons) against all the others; ties go to the earlier candidate (the
     better beam; supports within 1e-9 are ties). Candidates can repeat one another (beams rarely, samples of a
     confident model more often), so each distinct text is tokenized and compared once and weighted by its
     copies: the choice of comparing all N(N-1)/2 pairs, for the cost of the distinct ones."""
@@ -231,12 +237,13 @@ def mbr_pick(texts: list[str]) -> int:
     copies = np.bincount([which[t] for t in texts], minlength=len(distinct))
     tokens = [_rouge_tokenize(t) for t in distinct]
     grams = [(rouge_scorer._create_ngrams(t, 1), rouge_scorer._create_ngrams(t, 2)) for t in tokens]
+    (w1, w2, wl), total = weights, sum(weights)
 
     def score(a: int, b: int) -> float:
         lcs = _lcs_length(tokens[a], tokens[b])  # 0 when either is empty
         rouge_l = scoring.fmeasure(lcs / len(tokens[a]), lcs / len(tokens[b])) if lcs else 0.0  # rouge-score's formula
-        return (rouge_scorer._score_ngrams(grams[a][0], grams[b][0]).fmeasure
-                + rouge_scorer._score_ngrams(grams[a][1], grams[b][1]).fmeasure + rouge_l) / 3
+        return (w1 * rouge_scorer._score_ngrams(grams[a][0], grams[b][0]).fmeasure
+                + w2 * rouge_scorer._score_ngrams(grams[a][1], grams[b][1]).fmeasure + wl * rouge_l) / total
 
     support = np.zeros(len(distinct))
     for a in range(len(distinct)):
@@ -540,7 +547,8 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
             suffix = "" if name != "base" or not adapter else "_base"
             write_jsonl_atomic(out_dir / f"predictions{suffix}.jsonl", [
                 {"id": i, "dialogue": d, "references": r, "prediction": g.text, "raw_output": g.raw,
-                 "new_tokens": g.new_tokens, "hit_max_new_tokens": g.hit_max, "run_on": g.run_on}
+                 "new_tokens": g.new_tokens, "hit_max_new_tokens": g.hit_max, "run_on": g.run_on,
+                 **({"candidates": list(g.candidates)} if g.candidates else {})}
                 for i, d, r, g in zip(ids, dialogues, references, gens)])
     if not main:
         return None

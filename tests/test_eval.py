@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import SLICE, tiny_config_dict
+from conftest import ROOT, SLICE, tiny_config_dict
 from phi2sum import data as data_mod
 from phi2sum import evaluate, modeling
 from phi2sum.cli import app
@@ -347,6 +347,35 @@ def test_eval_verb_writes_table_predictions_and_metrics(trained, tmp_path):
         assert scores["hit_max_new_tokens_share"] == np.mean([r["hit_max_new_tokens"] for r in rows])
     # The adapter changed the model: the two prediction files differ (a 6-step run at lr 3e-3).
     assert read_jsonl(out / "predictions.jsonl") != read_jsonl(out / "predictions_base.jsonl")
+    assert not any("candidates" in r for r in read_jsonl(out / "predictions.jsonl"))  # only with MBR
+
+
+def test_mbr_eval_saves_candidates_that_rescoring_turns_back_into_its_predictions(trained, tmp_path):
+    """With generation.mbr_candidates, predictions.jsonl keeps every candidate; bench/mbr_rescore.py re-selects
+    from them on the CPU, and the shipped rule over all candidates gives back eval's own predictions."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "scores"
+    result = runner.invoke(app, ["eval", "--adapter", str(trained), "--compare", "none", "--out", str(out),
+                                 "--set", "generation.mbr_candidates=6", "--set", "generation.do_sample=true",
+                                 "--set", "generation.temperature=1.5"])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert all(len(r["candidates"]) == 6 and r["prediction"] in r["candidates"] for r in rows)
+    assert any(len(set(r["candidates"])) > 1 for r in rows)  # sampled: the choice is a real one
+    bench = subprocess.run([sys.executable, str(ROOT / "bench" / "mbr_rescore.py"), str(out / "predictions.jsonl"),
+                            "--out", str(tmp_path / "rescore"), "--ks", "2,6"], capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr
+    res = json.loads((tmp_path / "rescore" / "mbr_rescore.json").read_text())[0]
+    assert (res["dialogues"], res["candidates"], res["mismatches"]) == (len(rows), 6, 0)
+    variants = {v["variant"]: v for v in res["variants"]}
+    shipped = variants["MBR k=6, agree on R1+R2+RL"]
+    scored = json.loads((out / "metrics.json").read_text())["models"]["fine-tuned"]
+    assert shipped["rouge1"] == pytest.approx(scored["rouge1"]["mean"], abs=1e-12)
+    oracle = variants["oracle over 6 (uses the references)"]
+    assert all(oracle["rouge1"] + oracle["rouge2"] + oracle["rougeL"] >= v["rouge1"] + v["rouge2"] + v["rougeL"] - 1e-12
+               for v in res["variants"])
 
 
 def test_eval_compare_none_and_limit_beyond_the_split(trained):
@@ -644,6 +673,7 @@ def test_mbr_generation_returns_the_consensus_candidate(random_lm, sample):
             assert len(candidates) == n
             texts = [evaluate._finish(random_lm, c, False).text for c in candidates]
             want[i] = texts[evaluate.mbr_pick(texts)]
+            assert picked[i].candidates == tuple(texts)  # every candidate kept, in generation order
             if not sample:  # distinct beams, and each prompt's own: the same as decoding that prompt alone
                 assert len(set(map(tuple, candidates))) == n
                 alone = random_lm.model.generate(torch.tensor([prompt]), num_beams=n, num_return_sequences=n,
