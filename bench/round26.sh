@@ -4,6 +4,8 @@
 # kernels instead of a masked one. Same call, 80 steps each, each its own Inductor cache: SmolLM2 full fine-tune
 # micro-batch 128 compiled with the mask (as before) and without it, then without it + widths padded to 64;
 # the quality recipe (LoRA r=128, micro-batch 32, compiled) with and without; then a profile of the maskless step.
+# As run (bench/results/session7/README.md): the variants ran in smollm2_speed.sh's order, the masked full
+# fine-tune ran out of memory at step 68, and the call's 600 s limit cut lora-compile-mask and the profile.
 set -uo pipefail
 out=$1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
