@@ -257,7 +257,7 @@ def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, override
     model = modeling.add_lora(modeling.load_base(cfg.model, hw, str(model_dir), quantize=False), cfg.lora, cfg.train, False)
     if cfg.train.compile:
         modeling.compile_body(model)
-    loss_model = SummaryLoss(model).train()
+    loss_model = SummaryLoss(model, cfg.train.padding_mask).train()
 
     def once():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -366,7 +366,9 @@ def main():
                             args.data, args.steps, ["lora.dropout=0", "train.batch_size=32", "train.grad_accum=1",
                                                     "train.compile=true"]),
         "bf16-mask": (phi2sum_recipe, "a100.yaml with the padding mask (as before the seventh session)", a100, model_dir,
-                      args.data, args.steps, ["train.padding_mask=true"]),
+                      args.data, args.steps, ["train.padding_mask=true", "train.pad_to_multiple_of=1"]),
+        "bf16-nopad": (phi2sum_recipe, "a100.yaml, no padding mask, widths not padded", a100, model_dir,
+                       args.data, args.steps, ["train.pad_to_multiple_of=1"]),
         "bf16-pad64": (phi2sum_recipe, "a100.yaml, no padding mask, widths padded to multiples of 64", a100, model_dir,
                        args.data, args.steps, ["train.pad_to_multiple_of=64"]),
         "bf16-48": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, batch 48 x 1", a100, model_dir, args.data,

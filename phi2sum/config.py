@@ -142,21 +142,23 @@ class TrainConfig(_Section):
     group_by_length: bool = True
     """Batch sequences of similar length together (less padding, same randomness across epochs)."""
     pad_to_multiple_of: int = Field(1, ge=1, le=1024)
-    """Pad each micro-batch's width up to a multiple of this (1 = to its longest row). Each new width costs
-    one-off work (cuDNN attention builds a plan per shape, ~150 ms of host time a step in a profile), so fewer
-    widths are faster: 64 took SmolLM2's compiled full fine-tune at micro-batch 128 from 103,196 to 177,207 real
-    tokens/s and Phi-2's shape under a100.yaml (with or without the mask) from 12,578-14,762 to 22,936-25,374 (H100, docs/RESULTS.md;
-    steps 21-60 and 4-16 of a run, where most widths are still new). Not measured on P100/T4 or in 4-bit, where
-    the padded compute may cost more than it saves. Throughput counts real tokens only; never pads past
-    data.max_length; the loss is the same (a model with dropout draws other masks over the wider tensor)."""
+    """Pad each micro-batch's width up to a multiple of this (1 = to its longest row). Each new width seems to
+    cost one-off work (most likely cuDNN attention building a plan per shape, ~150 ms of host time a step in a
+    profile), so fewer widths are faster: 64 took SmolLM2's compiled full fine-tune at micro-batch 128 from
+    98,178 to 182,177 real tokens/s, and Phi-2's shape under a100.yaml from 12,578-14,762 to 22,936-25,374
+    (H100, without the padding mask, docs/RESULTS.md; steps 21-60 and 4-16 of a run, where most widths are
+    still new). Not measured on P100/T4 or in 4-bit, where the padded compute may cost more than it saves.
+    Throughput counts real tokens only; never pads past data.max_length; the loss is the same (a model with
+    dropout draws other masks over the wider tensor)."""
     padding_mask: bool = False
     """Pass the padding mask to the model in training and validation-loss batches. Not needed by default:
     rows are right-padded and attention is causal, so no real token can attend to a pad, and the loss reads
-    real tokens only (same loss and gradients either way, tested). Without it SDPA is called with is_causal
-    (any of its kernels may serve it, flash attention included) and no mask is built. Turn it on for a model whose
-    attention is not purely causal. Speed about the same either way (H100, docs/RESULTS.md); memory less without:
-    SmolLM2's full fine-tune at micro-batch 128 peaked at 43.7 instead of 49.1 GiB over 60 steps, and only
-    without the mask did its widest batch (128 x 1,024 tokens) fit the 80 GB card."""
+    real tokens only (same loss and gradients either way, tested). Without it SDPA attention is called with
+    is_causal (any of its kernels may serve it, flash attention included) and no mask is built. Turn it on for
+    a model whose attention is not purely causal; with model.trust_remote_code the mask is always passed.
+    Speed about the same either way (H100, docs/RESULTS.md); memory less without: SmolLM2's full fine-tune at
+    micro-batch 128 peaked at 43.7 instead of 49.1 GiB over 60 steps, and only without the mask did its
+    widest batch (128 x 1,024 tokens) fit the 80 GB card."""
     seed: int = 42
     """Seed for data order, LoRA init and dropout."""
     log_every: int = Field(10, ge=1)

@@ -62,7 +62,7 @@ class SummaryLoss(nn.Module):
     the output head: with ~10x more prompt than summary tokens this skips most of the vocab-sized
     logits (51,200 x seq for Phi-2), the largest activation of the step."""
 
-    def __init__(self, model, padding_mask: bool = True):
+    def __init__(self, model, padding_mask: bool = False):
         super().__init__()
         self.model = model
         self.padding_mask = padding_mask
@@ -406,7 +406,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = make_optimizer(trainable, t, accelerator.device.type)
-    loss_model = SummaryLoss(model, t.padding_mask)
+    # Remote model code may not be purely causal (prefix-LM styles) or may read positions from the mask.
+    loss_model = SummaryLoss(model, t.padding_mask or cfg.model.trust_remote_code)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     scaler = accelerator.scaler
 

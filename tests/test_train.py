@@ -766,8 +766,9 @@ def test_dropping_the_padding_mask_changes_neither_loss_nor_gradients(tiny_model
     assert not torch.allclose(masked, unmasked, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("setting", [None, True])
-def test_train_hands_the_padding_mask_setting_to_its_loss(make_config, monkeypatch, setting):
+@pytest.mark.parametrize("setting,remote_code,want", [(None, False, False), (True, False, True), (None, True, True)])
+def test_train_hands_the_padding_mask_setting_to_its_loss(make_config, monkeypatch, setting, remote_code, want):
+    """The mask stays off unless asked for, or unless the model's code is the hub repo's (not known causal)."""
     seen = set()
     real_forward = train_mod.SummaryLoss.forward
 
@@ -777,5 +778,7 @@ def test_train_hands_the_padding_mask_setting_to_its_loss(make_config, monkeypat
 
     monkeypatch.setattr(train_mod.SummaryLoss, "forward", forward)
     extra = {} if setting is None else {"padding_mask": setting}
-    train(load_config(make_config(train={"max_steps": 1, "eval_every": 1, **extra})), overwrite=True)
-    assert seen == {bool(setting)}
+    cfg = load_config(make_config(train={"max_steps": 1, "eval_every": 1, **extra}))
+    cfg.model.trust_remote_code = remote_code
+    train(cfg, overwrite=True)
+    assert seen == {want}
