@@ -11,13 +11,17 @@ common=(--set "model.name=$gguf" --set "data.source=$data" --set data.cache_dir=
 # The speed probes time greedy decoding in batches of 512 (configs/smollm2.yaml ships beam search).
 greedy=(--set generation.num_beams=1 --set generation.length_penalty=1.0 --set generation.batch_size=512)
 nvidia-smi --query-gpu=name --format=csv,noheader
-# ONLY="batch512 static" runs just those variants (evals and trains by name), in this script's order, not ONLY's.
-keep() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
+# ONLY="batch512 static" runs just those variants (evals and trains by name), in ONLY's order.
+# pick NAME:ARGS... prints the chosen entries, one per line, in ONLY's order (all of them without ONLY).
+pick() {
+  if [[ -z "${ONLY:-}" ]]; then printf '%s\n' "$@"; return; fi
+  for want in $ONLY; do for v in "$@"; do [[ "${v%%:*}" == "$want" ]] && printf '%s\n' "$v"; done; done
+}
 evals=("batch512:" "budget64k:--set generation.batch_tokens=64000" "budget160k:--set generation.batch_tokens=160000"
        "static:--set generation.cache=static" "generate:--set generation.cuda_graph=false")
-for v in "${evals[@]}"; do
+mapfile -t chosen < <(pick "${evals[@]}")
+for v in "${chosen[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
-  keep "$name" || continue
   s=$(date +%s.%N)
   p2s eval --config configs/smollm2.yaml "${common[@]}" "${greedy[@]}" "${extra[@]}" --out "/tmp/zs-$name" 2>&1 | grep -E "rouge1|error" 
   python3 - "$name" "/tmp/zs-$name/metrics.json" "$s" "$results" <<'PY'
@@ -53,9 +57,9 @@ trains=("lora:" "lora-compile:--set train.compile=true" "lora-nodrop:--set lora.
         "lora-compile-pad64:--set train.compile=true --set train.pad_to_multiple_of=64"
         "lora-compile-nocudnn:--set train.compile=true --set model.cudnn_attention=false"
         "full-compile:$full --set train.compile=true")
-for v in "${trains[@]}"; do
+mapfile -t chosen < <(pick "${trains[@]}")
+for v in "${chosen[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"
-  keep "$name" || continue
   # Its own Inductor cache per variant: a variant must not reuse another's compiled graphs (they can differ in
   # ways the cache key misses, e.g. SDPA's backend), and whole-run figures then all include a cold compile.
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$name p2s train --config configs/smollm2.yaml "${common[@]}" --set "train.output_dir=/tmp/spd-$name" --set train.max_steps=${STEPS:-80} \
