@@ -243,7 +243,7 @@ def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, override
 
     from phi2sum import data as data_mod, modeling
     from phi2sum.config import load_config
-    from phi2sum.train import SummaryLoss, collate
+    from phi2sum.train import SummaryLoss, collate, uses_padding_mask
 
     cfg = load_config(ROOT / config, [f"model.name={model_dir}", f"data.source={data}",
                                       "data.cache_dir=/tmp/bench-cache", *overrides])
@@ -257,7 +257,7 @@ def profile_step(model_dir: Path, data: Path, rows_per_batch: int = 16, override
     model = modeling.add_lora(modeling.load_base(cfg.model, hw, str(model_dir), quantize=False), cfg.lora, cfg.train, False)
     if cfg.train.compile:
         modeling.compile_body(model)
-    loss_model = SummaryLoss(model, cfg.train.padding_mask).train()
+    loss_model = SummaryLoss(model, uses_padding_mask(cfg)).train()
 
     def once():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -365,7 +365,7 @@ def main():
         "bf16-32-compile": (phi2sum_recipe, "a100.yaml, LoRA dropout 0, batch 32 x 1, torch.compile", a100, model_dir,
                             args.data, args.steps, ["lora.dropout=0", "train.batch_size=32", "train.grad_accum=1",
                                                     "train.compile=true"]),
-        "bf16-mask": (phi2sum_recipe, "a100.yaml with the padding mask (as before the seventh session)", a100, model_dir,
+        "bf16-mask": (phi2sum_recipe, "a100.yaml with the padding mask, widths not padded (as before the seventh session)", a100, model_dir,
                       args.data, args.steps, ["train.padding_mask=true", "train.pad_to_multiple_of=1"]),
         "bf16-nopad": (phi2sum_recipe, "a100.yaml, no padding mask, widths not padded", a100, model_dir,
                        args.data, args.steps, ["train.pad_to_multiple_of=1"]),

@@ -11,7 +11,8 @@ common=(--set "model.name=$gguf" --set "data.source=$data" --set data.cache_dir=
 # The speed probes time greedy decoding in batches of 512 (configs/smollm2.yaml ships beam search).
 greedy=(--set generation.num_beams=1 --set generation.length_penalty=1.0 --set generation.batch_size=512)
 nvidia-smi --query-gpu=name --format=csv,noheader
-# ONLY="batch512 static" runs just those variants (evals and trains by name), in ONLY's order.
+# ONLY="batch512 static" runs just those variants (evals and trains by name), in ONLY's order within each
+# group (evals before trains); a name that matches nothing is skipped with a warning.
 # pick NAME:ARGS... prints the chosen entries, one per line, in ONLY's order (all of them without ONLY).
 pick() {
   if [[ -z "${ONLY:-}" ]]; then printf '%s\n' "$@"; return; fi
@@ -57,6 +58,9 @@ trains=("lora:" "lora-compile:--set train.compile=true" "lora-nodrop:--set lora.
         "lora-compile-pad64:--set train.compile=true --set train.pad_to_multiple_of=64"
         "lora-compile-nocudnn:--set train.compile=true --set model.cudnn_attention=false"
         "full-compile:$full --set train.compile=true")
+for want in ${ONLY:-}; do
+  [[ " ${evals[*]%%:*} ${trains[*]%%:*} " == *" $want "* ]] || echo "warning: ONLY names no variant '$want'" >&2
+done
 mapfile -t chosen < <(pick "${trains[@]}")
 for v in "${chosen[@]}"; do
   name=${v%%:*}; read -ra extra <<< "${v#*:}"

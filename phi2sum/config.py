@@ -242,6 +242,9 @@ class EvalConfig(_Section):
     """Porter stemming in ROUGE (the standard setting for DialogSum)."""
     bootstrap_samples: int = Field(1000, ge=0)
     """Bootstrap resamples for the 95% confidence intervals (0 = none)."""
+    save_candidates: bool = False
+    """With generation.mbr_candidates: also write every candidate summary into predictions.jsonl
+    (`candidates`, ~4 MB for 500 dialogues x 64), for re-selecting on the CPU with bench/mbr_rescore.py."""
     output_dir: str | None = None
     """Where predictions and metrics go (default: `<adapter run>/eval`)."""
 

@@ -232,6 +232,8 @@ def mbr_pick(texts: list[str], weights: tuple[float, float, float] = (1.0, 1.0, 
     copies: the choice of comparing all N(N-1)/2 pairs, for the cost of the distinct ones."""
     from rouge_score import rouge_scorer, scoring
 
+    if not (len(weights) == 3 and all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0):
+        raise ValueError(f"mbr_pick weights must be three finite values >= 0, not all 0; got {weights}")
     distinct = list(dict.fromkeys(texts))  # first-seen order
     which = {t: i for i, t in enumerate(distinct)}
     copies = np.bincount([which[t] for t in texts], minlength=len(distinct))
@@ -548,7 +550,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
             write_jsonl_atomic(out_dir / f"predictions{suffix}.jsonl", [
                 {"id": i, "dialogue": d, "references": r, "prediction": g.text, "raw_output": g.raw,
                  "new_tokens": g.new_tokens, "hit_max_new_tokens": g.hit_max, "run_on": g.run_on,
-                 **({"candidates": list(g.candidates)} if g.candidates else {})}
+                 **({"candidates": list(g.candidates)} if cfg.eval.save_candidates and g.candidates else {})}
                 for i, d, r, g in zip(ids, dialogues, references, gens)])
     if not main:
         return None

@@ -79,6 +79,12 @@ class SummaryLoss(nn.Module):
         return nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
+def uses_padding_mask(cfg: RunConfig) -> bool:
+    """train.padding_mask, except that remote model code always gets the mask: it may not be purely causal
+    (prefix-LM styles) or may read positions from the mask."""
+    return cfg.train.padding_mask or cfg.model.trust_remote_code
+
+
 def collate(rows: list[tuple[list[int], int]], pad_id: int, multiple: int = 1, cap: int | None = None) -> dict:
     # Right padding: positions count from 0 at the first real token, as in generation. Rounding the width up
     # to `multiple` stops at `cap` (data.max_length), so padding never reaches positions a row could not.
@@ -406,8 +412,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = make_optimizer(trainable, t, accelerator.device.type)
-    # Remote model code may not be purely causal (prefix-LM styles) or may read positions from the mask.
-    loss_model = SummaryLoss(model, t.padding_mask or cfg.model.trust_remote_code)
+    loss_model = SummaryLoss(model, uses_padding_mask(cfg))
+    if cfg.model.trust_remote_code and not t.padding_mask and main:
+        info("model.trust_remote_code: training passes the padding mask (train.padding_mask is for known-causal models)")
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     scaler = accelerator.scaler
 

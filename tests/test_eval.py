@@ -357,9 +357,12 @@ def test_mbr_eval_saves_candidates_that_rescoring_turns_back_into_its_prediction
     import sys
 
     out = tmp_path / "scores"
-    result = runner.invoke(app, ["eval", "--adapter", str(trained), "--compare", "none", "--out", str(out),
-                                 "--set", "generation.mbr_candidates=6", "--set", "generation.do_sample=true",
-                                 "--set", "generation.temperature=1.5"])
+    mbr = ["--set", "generation.mbr_candidates=6", "--set", "generation.do_sample=true", "--set", "generation.temperature=1.5"]
+    result = runner.invoke(app, ["eval", "--adapter", str(trained), "--compare", "none", "--out", str(out), *mbr])
+    assert result.exit_code == 0, result.output
+    assert not any("candidates" in r for r in read_jsonl(out / "predictions.jsonl"))  # opt-in: MB per eval
+    result = runner.invoke(app, ["eval", "--adapter", str(trained), "--compare", "none", "--out", str(out), *mbr,
+                                 "--set", "eval.save_candidates=true"])
     assert result.exit_code == 0, result.output
     rows = read_jsonl(out / "predictions.jsonl")
     assert all(len(r["candidates"]) == 6 and r["prediction"] in r["candidates"] for r in rows)
@@ -376,6 +379,56 @@ def test_mbr_eval_saves_candidates_that_rescoring_turns_back_into_its_prediction
     oracle = variants["oracle over 6 (uses the references)"]
     assert all(oracle["rouge1"] + oracle["rouge2"] + oracle["rougeL"] >= v["rouge1"] + v["rouge2"] + v["rougeL"] - 1e-12
                for v in res["variants"])
+
+
+def test_mbr_rescore_subsets_utilities_oracle_and_the_reproduction_check(tmp_path):
+    """bench/mbr_rescore.py on hand-made candidates: the k=2 rows use the first two candidates only, each utility
+    its own weights, the oracle is the brute-force best against the references, the shipped rule differs from
+    itself by 0, and predictions the shipped rule does not give back end in exit 1."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from rouge_score import rouge_scorer
+
+    spec = importlib.util.spec_from_file_location("mbr_rescore", ROOT / "bench" / "mbr_rescore.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(5)
+    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
+    rows = []
+    for i in range(12):
+        cands = [" ".join(rng.choice(vocab, size=rng.integers(2, 9))) for _ in range(5)]
+        refs = [" ".join(rng.choice(vocab, size=rng.integers(3, 9))) for _ in range(2)]
+        rows.append({"id": f"d{i}", "references": refs, "candidates": cands,
+                     "prediction": cands[evaluate.mbr_pick(cands)]})
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = bench.rescore(path, [2, 5], samples=200)
+    assert (res["candidates"], res["mismatches"]) == (5, 0)
+    variants = {v["variant"]: v for v in res["variants"]}
+    refs = [r["references"] for r in rows]
+    for name, weights in bench.UTILITIES.items():
+        for k in (2, 5):
+            picks = [r["candidates"][:k][evaluate.mbr_pick(r["candidates"][:k], weights)] for r in rows]
+            want = evaluate.rouge(picks, refs).pairs
+            assert variants[f"MBR k={k}, agree on {name}"]["rouge2"] == pytest.approx(want["rouge2"], abs=1e-12)
+    shipped = variants["MBR k=5, agree on R1+R2+RL"]
+    assert shipped["vs_shipped"] == 0 and shipped["vs_shipped_ci95"] == [0, 0]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+    def mean3(text, references):
+        return np.mean([np.mean([s.fmeasure for s in scorer.score(ref, text).values()]) for ref in references])
+
+    best = [max(r["candidates"], key=lambda t, refs=r["references"]: mean3(t, refs)) for r in rows]
+    want = evaluate.rouge(best, refs).pairs
+    assert variants["oracle over 5 (uses the references)"]["rougeL"] == pytest.approx(want["rougeL"], abs=1e-12)
+    assert variants["oracle over 5 (uses the references)"]["vs_shipped"] > 0
+    rows[3]["prediction"] = rows[3]["candidates"][evaluate.mbr_pick(rows[3]["candidates"]) - 1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "mbr_rescore.py"), str(path), "--out",
+                          str(tmp_path / "out"), "--ks", "5"], capture_output=True, text=True)
+    assert run.returncode == 1 and "did not reproduce 1 saved prediction" in run.stderr
 
 
 def test_eval_compare_none_and_limit_beyond_the_split(trained):
@@ -621,6 +674,29 @@ def test_lcs_length_matches_rouge_scores_table():
         a, b = (tuple(rng.choice(list("abcde"), size=rng.integers(0, 20))) for _ in range(2))
         want = rouge_scorer._lcs_table(a, b)[-1][-1] if a and b else 0
         assert evaluate._lcs_length(a, b) == want == evaluate._lcs_length(b, a)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.0, 1.0, 0.0), (0.0, 1.0, 2.0)])
+def test_mbr_pick_weighs_the_three_rouges_as_asked(weights):
+    """bench/mbr_rescore.py's other utilities: the weighted mean against rouge-score's scorer over every pair."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rng = np.random.default_rng(1)
+    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
+    for _ in range(40):
+        texts = [" ".join(rng.choice(vocab, size=rng.integers(1, 10))) for _ in range(rng.integers(3, 7))]
+
+        def utility(o, t):
+            sc = scorer.score(o, t)
+            return sum(w * sc[m].fmeasure for w, m in zip(weights, ("rouge1", "rouge2", "rougeL"))) / sum(weights)
+
+        support = [np.mean([utility(o, t) for j, o in enumerate(texts) if j != i]) for i, t in enumerate(texts)]
+        pick = evaluate.mbr_pick(texts, weights)
+        assert pick == [i for i, x in enumerate(support) if x >= max(support) - 1e-9][0]
+    for bad in ((0.0, 0.0, 0.0), (1.0, 1.0, -3.0), (1.0, float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="weights"):
+            evaluate.mbr_pick(["a b", "a c"], bad)
 
 
 def test_mbr_pick_is_the_candidate_with_the_highest_mean_rouge_against_the_others():
