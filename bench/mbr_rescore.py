@@ -50,7 +50,8 @@ def rescore(path: Path, ks: list[int], samples: int = 1000) -> dict:
     def mean3(result) -> np.ndarray:  # per dialogue: sum over its pairs of mean(R1, R2, RL)
         return sum(result.per_dialogue_sum[m] for m in MAIN) / 3
 
-    shipped_texts = [r["candidates"][:n][evaluate.mbr_pick(r["candidates"][:n])] for r in rows]
+    shipped = (n, UTILITIES["R1+R2+RL"])  # mbr_pick's default weights over all candidates
+    shipped_texts = [r["candidates"][:n][evaluate.mbr_pick(r["candidates"][:n], shipped[1])] for r in rows]
     base = mean3(evaluate.rouge(shipped_texts, refs, stem))
     rng = np.random.default_rng(0)
     draws = rng.integers(0, len(rows), size=(samples, len(rows)))
@@ -74,7 +75,8 @@ def rescore(path: Path, ks: list[int], samples: int = 1000) -> dict:
     beams = "" if sampled else " (first k of the beams, not a k-beam search)"
     for k in sorted({min(k, n) for k in ks}):
         for name, weights in UTILITIES.items():
-            picks = [r["candidates"][:k][evaluate.mbr_pick(r["candidates"][:k], weights)] for r in rows]
+            picks = shipped_texts if (k, weights) == shipped else [
+                r["candidates"][:k][evaluate.mbr_pick(r["candidates"][:k], weights)] for r in rows]
             out["variants"].append(score(f"MBR k={k}{beams}, agree on {name}", picks))
 
     def oracle_pick(candidates: list[str], references: list[str]) -> str:

@@ -4,12 +4,6 @@
 # the run ran out of memory at step 68 (the first 128 x 1,024 batch) on the 80 GB card. So here 60 steps (before
 # that batch), all four combinations, each a fresh process with its own Inductor cache: baseline = the mask,
 # no padding of widths (phi2sum before this session).
-set -uo pipefail
-out=$1
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$out"
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/card.txt"
-python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$out/card.txt"
+# Round 26's script with these variants and steps, without its profile.
 STEPS=60 ONLY="${ONLY:-full-b128-compile-mask full-b128-compile-mask-pad64 full-b128-compile full-b128-compile-pad64}" \
-  bash bench/smollm2_speed.sh /tmp/m/smollm2.gguf .gpu/data "$out/smollm2_speed.jsonl" > "$out/log.txt" 2>&1
-grep -v "^\s*$" "$out/log.txt" | cut -c1-300
+  PROFILE=no exec bash bench/round26.sh "$@"

@@ -10,6 +10,7 @@ checkpoint. Everything a run produces lands in `train.output_dir`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from . import data as data_mod
@@ -258,7 +260,7 @@ def _same_setup(saved: Path, cfg: RunConfig) -> None:
     old = yaml.safe_load(saved.read_text())
     try:  # a run saved before a setting existed lacks it: compare with its default filled in
         old = RunConfig.model_validate(old).model_dump(mode="json")
-    except Exception:  # not a valid config now (a setting since removed): compare as written
+    except ValidationError:  # not a valid config now (a setting since removed): compare as written
         pass
     new = cfg.model_dump(mode="json")
     for section in ("model", "lora", "data"):
@@ -337,15 +339,15 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def evaluate_loss(loss_model, rows, batch_size, pad_id, device, accelerator, multiple: int = 1,
-                  cap: int | None = None) -> float:
+def evaluate_loss(loss_model, rows, batch_size, batch_of, device, accelerator) -> float:
+    """Mean summary-token loss over `rows`; `batch_of` pads a list of rows into a batch, as training does."""
     loss_model.eval()
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
     mine = rows[accelerator.process_index :: accelerator.num_processes]
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(device) for k, v in collate(mine[i : i + batch_size], pad_id, multiple, cap).items()}
+            batch = {k: v.to(device) for k, v in batch_of(mine[i : i + batch_size]).items()}
             with accelerator.autocast():
                 total += loss_model(**batch).float()
             count += (batch["labels"][:, 1:] != -100).sum()
@@ -474,7 +476,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
 
-    pad_id = tokenizer.pad_token_id
+    # One padding rule for training and validation batches.
+    batch_of = functools.partial(collate, pad_id=tokenizer.pad_token_id, multiple=t.pad_to_multiple_of,
+                                 cap=cfg.data.max_length)
     device = accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -495,8 +499,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
                 batches_epoch = epoch
             group = batches[within * micro_per_step : (within + 1) * micro_per_step]
             mine = group[accelerator.process_index :: world]
-            micro = [collate([train_rows[i] for i in b], pad_id, t.pad_to_multiple_of, cfg.data.max_length)
-                     for b in mine]
+            micro = [batch_of([train_rows[i] for i in b]) for b in mine]
             # Normalise by the step's summary tokens over all micro-batches and processes, so the
             # gradient is the same whatever the batch split (DDP averages, hence the * world).
             local_tokens = torch.tensor(sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro), device=device)
@@ -556,8 +559,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
             if bar:
                 bar.update(task, completed=step)
             if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
-                eval_loss = evaluate_loss(loss_model, val_rows, t.batch_size, pad_id, device, accelerator,
-                                          t.pad_to_multiple_of, cfg.data.max_length)
+                eval_loss = evaluate_loss(loss_model, val_rows, t.batch_size, batch_of, device, accelerator)
                 log({"kind": "eval", "step": step, "eval_loss": eval_loss})
                 if main:
                     bar.console.print(f"step {step}: validation loss {eval_loss:.4f}")
