@@ -113,8 +113,9 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     """Train a LoRA adapter (QLoRA on CUDA) and write the run directory."""
     cfg = _config(config, set_, debug)
     if dry_run:
-        return _dry_run(cfg, f"train {cfg.model.name} ({cfg.model.quantization}, LoRA r={cfg.lora.r} on "
-                             f"{', '.join(cfg.lora.target_modules)}) into {cfg.train.output_dir}")
+        what = (f"LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}" if cfg.lora.enabled
+                else "full fine-tune of every weight")
+        return _dry_run(cfg, f"train {cfg.model.name} ({cfg.model.quantization}, {what}) into {cfg.train.output_dir}")
     from . import train as train_mod
 
     result = _run(debug, train_mod.train, cfg, overwrite=overwrite, resume=resume)

@@ -270,7 +270,7 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
                   length_penalty=gen.length_penalty, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
                   use_cache=True)
     if gen.do_sample:
-        kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
+        kwargs.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if gen.cache == "static":
@@ -286,7 +286,7 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
     if device.type == "cuda" and graph_decoding_applies(loaded, gen):
         # The device context: under `accelerate launch` each process's streams and graph belong to its GPU.
         with torch.inference_mode(), torch.cuda.device(device):
-            return [[row] for row in greedy_static(loaded, input_ids, attention, gen, graph=True)]
+            return decode_candidates(loaded, input_ids, attention, gen, graph=True)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     new = out[:, width:].cpu().tolist()
@@ -294,14 +294,25 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
     return [new[k : k + per] for k in range(0, len(new), per)]
 
 
+def decode_candidates(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
+                      graph: bool) -> list[list[list[int]]]:
+    """decode_static for a batch of prompts, grouped per prompt: one sequence each, or with MBR sampling its
+    mbr_candidates samples (each prompt repeated that many times as rows of its own)."""
+    per = gen.mbr_candidates or 1  # only sampling reaches here with candidates (beams go to generate)
+    rows = decode_static(loaded, input_ids.repeat_interleave(per, 0), attention.repeat_interleave(per, 0), gen, graph)
+    return [rows[k : k + per] for k in range(0, len(rows), per)]
+
+
 def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
-    """Plain greedy decoding (bf16/fp16 or 4-bit), with a transformers whose static cache counts its own
-    length on the GPU (5.x): the case greedy_static serves; everything else goes through generate."""
+    """Plain greedy decoding or sampling, MBR's samples included (bf16/fp16 or 4-bit), with a transformers
+    whose static cache counts its own length on the GPU (5.x): the cases decode_static serves; everything
+    else (beams among them) goes through generate."""
     from transformers import StaticCache
 
     base = modeling.unwrap_peft(loaded.model)
-    plain = (gen.cuda_graph and gen.sequences_per_dialogue == 1 and not gen.do_sample and gen.repetition_penalty == 1.0
-             and gen.no_repeat_ngram_size == 0 and gen.cache == "dynamic")
+    one_beam = gen.num_beams == 1 and (gen.do_sample or gen.mbr_candidates == 0)  # MBR without sampling: beams
+    plain = (gen.cuda_graph and one_beam and gen.repetition_penalty == 1.0 and gen.no_repeat_ngram_size == 0
+             and gen.cache == "dynamic")
     # 4-bit NF4 captures and replays (Phi-2 shape on an H200: 69.9 vs 20.9 dialogues/s); 8-bit's outlier
     # handling was never tried in a graph.
     if not plain or getattr(base, "is_loaded_in_8bit", False):
@@ -319,16 +330,40 @@ def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
                                 for layer in layers)
 
 
-def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
+def sampling_scores(logits: torch.Tensor, gen: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens sampling may draw and their scores, as transformers' temperature, top-k and top-p warpers
+    leave them: the k best tokens' ids and their logits / temperature, -inf where top-p drops one (a token
+    goes once the better tokens before it hold top_p of the mass; the best always stays). Fixed shapes, so
+    the step that uses it can be captured in a CUDA graph."""
+    scores = logits.float() / gen.temperature
+    k = min(gen.top_k or scores.shape[-1], scores.shape[-1])
+    values, ids = scores.topk(k, dim=-1)  # sorted, best first
+    if gen.top_p < 1.0:
+        probs = values.softmax(-1)
+        values = values.masked_fill(probs.cumsum(-1) - probs >= gen.top_p, float("-inf"))
+    return values, ids
+
+
+def sample_token(logits: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
+    """One token per row drawn from softmax(sampling_scores) by the Gumbel-max trick: the argmax of the
+    scores plus independent Gumbel noise is an exact draw from their softmax, and uniform noise is what a
+    CUDA graph can replay (each replay advances the generator; torch.multinomial cannot be captured)."""
+    values, ids = sampling_scores(logits, gen)
+    uniform = torch.rand_like(values).clamp_(min=torch.finfo(values.dtype).tiny)
+    return ids.gather(-1, (values - (-uniform.log()).log()).argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
                   graph: bool) -> list[list[int]]:
-    """Greedy decoding of one left-padded batch with a static KV cache; with `graph` (CUDA) the decoding
-    step is captured once as a CUDA graph and replayed for every token.
+    """Greedy decoding or sampling (gen.do_sample) of one left-padded batch with a static KV cache; with
+    `graph` (CUDA) the decoding step is captured once as a CUDA graph and replayed for every token.
 
     Why not generate(): for a small model its per-token Python and kernel launches, not the GPU, set the
     pace (SmolLM2-135M, 500 dialogues: ~0.1 s per token whatever the batch size). A captured step replays
-    in one launch, and the static cache is written in place instead of grown by concatenation. The tokens
-    are generate()'s greedy tokens (tested on CPU without the graph): same masks, positions and argmax.
-    Rows that stop early keep decoding (cut at their stop token afterwards); the loop ends when all have."""
+    in one launch, and the static cache is written in place instead of grown by concatenation. Greedy tokens
+    are generate()'s (tested on CPU without the graph): same masks, positions and argmax. Samples come from
+    the distribution generate samples from (sample_token) but are other draws. Rows that stop early keep
+    decoding (cut at their stop token afterwards); the loop ends when all have."""
     from transformers import StaticCache
 
     model, device = loaded.model, loaded.hardware.device
@@ -353,7 +388,8 @@ def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                    **{cache_arg: cache}).logits
     del mask, allowed
-    first = logits[:, -1].argmax(-1)
+    pick = functools.partial(sample_token, gen=gen) if gen.do_sample else (lambda scores: scores.argmax(-1))
+    first = pick(logits[:, -1])
     stops = torch.tensor(loaded.stop_ids, device=device)
     tokens = torch.full((rows, gen.max_new_tokens), loaded.tokenizer.pad_token_id, dtype=torch.long, device=device)
     tokens[:, 0] = first
@@ -368,8 +404,8 @@ def greedy_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     step_mask.masked_fill_(((cols < pad[:, None]) | (cols > width))[:, None, None], blocked)
 
     def step():
-        nxt = model(input_ids=current, attention_mask=step_mask, position_ids=position, use_cache=True,
-                    **{cache_arg: cache}).logits[:, -1].argmax(-1)
+        nxt = pick(model(input_ids=current, attention_mask=step_mask, position_ids=position, use_cache=True,
+                         **{cache_arg: cache}).logits[:, -1])
         tokens.index_copy_(1, out_col, nxt[:, None])
         done.logical_or_((nxt[:, None] == stops).any(1))
         current.copy_(nxt[:, None])

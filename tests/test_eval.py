@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -622,7 +623,7 @@ def gqa_lm(tiny_model, tmp_path_factory) -> evaluate.Loaded:
 def test_static_cache_greedy_loop_gives_generates_tokens(lm, request):
     """The GPU's graph-replayed greedy loop, run eagerly on CPU, produces transformers' greedy tokens for a
     left-padded batch (Phi, and Llama with grouped-query attention), including rows that stop early."""
-    from dataclasses import replace
+
 
     loaded = request.getfixturevalue(lm)
     gen = GenerationConfig(max_new_tokens=12)
@@ -630,30 +631,91 @@ def test_static_cache_greedy_loop_gives_generates_tokens(lm, request):
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     endless = replace(loaded, stop_ids=[-1])
     reference = [c[0] for c in evaluate._generate_padded(endless, prompts, gen)]
-    assert evaluate.greedy_static(endless, ids, mask, gen, graph=False) == reference
+    assert evaluate.decode_static(endless, ids, mask, gen, graph=False) == reference
     assert len({tuple(r) for r in reference}) > 1  # the rows really differ
     # A token some rows produce mid-way becomes the stop token: those rows end there, the others go on.
     stop = reference[0][4]
     stopping = replace(loaded, stop_ids=[stop])
     reference = [c[0] for c in evaluate._generate_padded(stopping, prompts, gen)]
-    ours = evaluate.greedy_static(stopping, ids, mask, gen, graph=False)
+    ours = evaluate.decode_static(stopping, ids, mask, gen, graph=False)
     cuts = [next((k for k, t in enumerate(r) if t == stop), None) for r in reference]
     assert cuts[0] == 4 and None in cuts
     for want, got, cut in zip(reference, ours, cuts):
         assert got[: None if cut is None else cut + 1] == want[: None if cut is None else cut + 1]
 
 
-def test_graph_decoding_applies_only_to_plain_greedy(random_lm):
+@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(temperature=0.5, top_k=5),
+                                      dict(temperature=1.3, top_k=0, top_p=0.8), dict(temperature=0.5, top_p=0.6),
+                                      dict(temperature=1.0, top_k=1)])
+def test_sampling_scores_are_transformers_warpers(settings):
+    """The loop samples from the distribution transformers' temperature, top-k and top-p warpers leave."""
+    from transformers import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    gen = GenerationConfig(do_sample=True, **settings)
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 3
+    logits[0, :10] = 5.0  # ties at the top
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(gen.temperature)])
+    if gen.top_k:
+        warpers.append(TopKLogitsWarper(gen.top_k))
+    if gen.top_p < 1:
+        warpers.append(TopPLogitsWarper(gen.top_p))
+    want = warpers(torch.zeros(6, 1, dtype=torch.long), logits.clone()).softmax(-1)
+    values, ids = evaluate.sampling_scores(logits, gen)
+    got = torch.zeros_like(logits).scatter_(-1, ids, values.softmax(-1))
+    assert torch.allclose(got[1:], want[1:], atol=1e-6)
+    # Row 0's ten tied best tokens: which of equal tokens a cut keeps is the sort's choice, the mass is not.
+    assert torch.allclose(got[0].sort().values, want[0].sort().values, atol=1e-6)
+    assert (want > 0).sum(-1).min() < 300 or not (gen.top_k or gen.top_p < 1)  # the filters did cut something
+
+
+def test_sample_token_draws_each_token_at_its_probability():
+    gen = GenerationConfig(do_sample=True, temperature=0.5, top_k=3)
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.2, 0.9]]).repeat(200_000, 1)
+    torch.manual_seed(0)
+    drawn = evaluate.sample_token(logits, gen)
+    share = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    want = torch.zeros(5, dtype=torch.double)
+    want[[0, 4, 1]] = torch.tensor([1.0, 0.9, 0.5], dtype=torch.double).div(0.5).softmax(0)
+    assert torch.allclose(share, want, atol=0.005), (share, want)  # standard error ~0.001
+    assert share[2] == 0 and share[3] == 0  # outside the top 3
+
+
+@pytest.mark.parametrize("lm", ["random_lm", "gqa_lm"])
+def test_static_loop_samples_candidates_per_prompt(lm, request):
+    """MBR's sampling through the loop: each prompt gets its own candidates (at a temperature near 0 they are
+    the greedy tokens of that prompt), at temperature 1 they differ, and the same seed draws the same."""
+    loaded = request.getfixturevalue(lm)
+    endless = replace(loaded, stop_ids=[-1])
+    greedy = GenerationConfig(max_new_tokens=10)
+    ids, mask = _padded_batch(loaded, greedy)
+    reference = [c[0] for c in evaluate._generate_padded(endless, [r[m.bool()].tolist() for r, m in zip(ids, mask)],
+                                                         greedy)]
+    cold = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1e-6, mbr_candidates=3)
+    grouped = evaluate.decode_candidates(endless, ids, mask, cold, graph=False)
+    assert grouped == [[want] * 3 for want in reference]
+    warm = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_k=0, mbr_candidates=4)
+    torch.manual_seed(3)
+    first = evaluate.decode_candidates(endless, ids, mask, warm, graph=False)
+    torch.manual_seed(3)
+    assert evaluate.decode_candidates(endless, ids, mask, warm, graph=False) == first
+    assert all(len(c) == 4 and len({tuple(s) for s in c}) > 1 for c in first)
+
+
+def test_graph_decoding_applies_only_to_plain_greedy_and_sampling(random_lm):
     from transformers import StaticCache
 
     if not hasattr(StaticCache(config=random_lm.model.config, max_cache_len=8).layers[0], "cumulative_length"):
         pytest.skip("this transformers' static cache has no GPU-side length counter: generate serves everything")
-    assert evaluate.graph_decoding_applies(random_lm, GenerationConfig())
-    for change in ({"num_beams": 2}, {"do_sample": True}, {"repetition_penalty": 1.2},
-                   {"no_repeat_ngram_size": 3}, {"cuda_graph": False}, {"cache": "static"}, {"mbr_candidates": 4}):
+    for settings in ({}, {"do_sample": True}, {"do_sample": True, "mbr_candidates": 8}):
+        assert evaluate.graph_decoding_applies(random_lm, GenerationConfig(**settings))
+    for change in ({"num_beams": 2}, {"do_sample": True, "num_beams": 2}, {"repetition_penalty": 1.2},
+                   {"no_repeat_ngram_size": 3}, {"cuda_graph": False}, {"cache": "static"}, {"mbr_candidates": 4},
+                   {"do_sample": True, "repetition_penalty": 1.2}):
         assert not evaluate.graph_decoding_applies(random_lm, GenerationConfig(**change))
     # Sliding-window attention keeps fewer cache columns than the loop's masks: left to generate.
-    from dataclasses import replace
+
 
     from transformers import MistralConfig, MistralForCausalLM, PhiForCausalLM
 
@@ -759,3 +821,162 @@ def test_mbr_generation_returns_the_consensus_candidate(random_lm, sample):
     assert [g.text for g in picked] == [want[i] for i in range(len(DIALOGUES))]
     if sample:
         assert len({g.text for g in picked}) > 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench/mbr_pool.py: MBR over the candidates of several models pooled
+
+
+def load_bench(name: str):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its worker function must pickle for multiprocessing
+    spec.loader.exec_module(module)
+    return module
+
+
+def pool_evals(tmp_path: Path, models=("a", "b", "c"), dialogues=4, n=6) -> list[str]:
+    """Hand-made evals of the same 4 dialogues: each model's own candidates, with copies within and across models,
+    an empty and a one-word text, and texts over 64 tokens; each prediction is that model's mbr_pick."""
+    rng = np.random.default_rng(7)
+    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
+
+    def text(low, high):
+        return " ".join(rng.choice(vocab, size=rng.integers(low, high)))
+
+    refs = [[text(4, 10) for _ in range(rng.integers(1, 4))] for _ in range(dialogues)]
+    shared = [text(3, 9) for _ in range(dialogues)]  # one text every model samples
+    specs = []
+    for m, name in enumerate(models):
+        rows = []
+        for d in range(dialogues):
+            cands = [text(2, 10) for _ in range(n)]
+            cands[(m + d) % n] = shared[d]
+            cands[n - 1 - m] = cands[(m + d) % n] if d % 2 else cands[n - 1 - m]  # a copy within the model
+            if d == 1:
+                cands[m % 3], cands[3] = "", "Tom"
+            if d == 2:
+                cands[1], cands[4] = text(66, 80), text(66, 80)
+            rows.append({"id": f"d{d}", "dialogue": "...", "references": refs[d], "candidates": cands,
+                         "prediction": cands[evaluate.mbr_pick(cands)]})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"use_stemmer": True}))
+        specs.append(f"{name}={tmp_path / name / 'predictions.jsonl'}")
+    return specs
+
+
+def pooled_picks(bench, specs: list[str], ks: list[int], cache: Path):
+    names, files, stem = bench.read_models(specs)
+    sizes = [len(rows[0]["candidates"]) for rows in files]
+    pools = [[t for rows in files for t in rows[d]["candidates"]] for d in range(len(files[0]))]
+    ids = []
+    for pool in pools:
+        which = {t: i for i, t in enumerate(dict.fromkeys(pool))}
+        ids.append(np.array([which[t] for t in pool]))
+    counts = bench.score_pairs(pools, [r["references"] for r in files[0]], stem, 1, cache, "test")
+    counts["starts"] = np.cumsum([0, *counts["m"][:-1]])
+    counts["tri_starts"] = np.cumsum([0, *(counts["m"][:-1] * (counts["m"][:-1] + 1) // 2)])
+    return files, pools, bench.choose(counts, ids, sizes, ks)
+
+
+def test_mbr_pool_picks_are_mbr_pick_over_the_pooled_first_k(tmp_path):
+    """Every (set of models, k, utility) pick is evaluate.mbr_pick over the concatenated first k candidates of each
+    model with those weights, and the data makes k and the weights matter."""
+    bench = load_bench("mbr_pool")
+    specs = pool_evals(tmp_path)
+    files, pools, picks = pooled_picks(bench, specs, [2, 4, 6], tmp_path / "cache.npz")
+    assert any(len(evaluate._rouge_tokenize(t)) > 64 for t in pools[2])  # the pairs past one uint64 row
+    want = {}
+    for models in [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]:
+        for k in (2, 4, 6):
+            for name, weights in bench.UTILITIES.items():
+                want[models, k, name] = []
+                for d, pool in enumerate(pools):
+                    texts = [t for i in models for t in files[i][d]["candidates"][:k]]
+                    want[models, k, name].append(texts[evaluate.mbr_pick(texts, weights)])
+                    assert pool[picks[models, k, name][d]] == want[models, k, name][-1], (models, k, name, d)
+    assert {key[:3] for key in picks} == set(want) | {(m, 6, "oracle") for m, _, _ in want}
+    # Were k or the weights ignored, some of these picks would be others.
+    assert any(want[m, 2, u] != want[m, 6, u] for m, _, u in want)
+    assert any(want[m, k, u] != want[m, k, "R1+R2+RL"] for m, k, u in want)
+    assert any(want[(0, 1, 2), 6, u] != want[(0,), 6, u] for u in bench.UTILITIES)
+    assert [len(s) for s in (bench.model_sets(3), bench.model_sets(4), bench.model_sets(5))] == [7, 15, 11]
+    assert bench.model_sets(5)[5:7] == [(0, 1, 2, 3, 4), (1, 2, 3, 4)]  # with 5: each alone, all, all but one
+
+
+def test_mbr_pool_oracle_is_the_best_candidate_against_the_references(tmp_path):
+    from rouge_score import rouge_scorer
+
+    bench = load_bench("mbr_pool")
+    files, pools, picks = pooled_picks(bench, pool_evals(tmp_path), [6], tmp_path / "cache.npz")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+    def mean3(text, references):
+        return np.mean([np.mean([s.fmeasure for s in scorer.score(ref, text).values()]) for ref in references])
+
+    for models in [(0,), (0, 2), (0, 1, 2)]:
+        for d, pool in enumerate(pools):
+            refs = files[0][d]["references"]
+            best = max(mean3(t, refs) for i in models for t in files[i][d]["candidates"])
+            assert mean3(pool[picks[models, 6, "oracle"][d]], refs) == pytest.approx(best, abs=1e-12)
+
+
+def test_mbr_pool_reproduces_each_eval_caches_and_flags_doctored_predictions(tmp_path, capsys):
+    bench = load_bench("mbr_pool")
+    specs = pool_evals(tmp_path)
+    out = tmp_path / "out"
+    bench.main(["--out", str(out), "--label", "val", "--ks", "2,6", "--workers", "2", "--samples", "50", *specs])
+    assert "scoring 4 dialogues" in capsys.readouterr().out
+    res = json.loads((out / "mbr_pool_val.json").read_text())
+    assert res["mismatches"] == {"a": 0, "b": 0, "c": 0} and res["baseline"] == {"models": ["a"], "k": 6,
+                                                                                 "utility": "R1+R2+RL"}
+    rows = read_jsonl(tmp_path / "a" / "predictions.jsonl")
+    shipped = evaluate.rouge([r["prediction"] for r in rows], [r["references"] for r in rows]).pairs
+    base = next(v for v in res["variants"] if v["models"] == ["a"] and v["k"] == 6 and v["utility"] == "R1+R2+RL")
+    assert base["rouge2"] == pytest.approx(shipped["rouge2"], abs=1e-12) and base["vs_baseline"]["mean"] == 0
+    assert len(res["variants"]) == 7 * 2 * 5 + 7  # 7 sets of models x 2 ks x 5 utilities, and 7 oracles
+    assert (out / "mbr_pool_val.md").read_text().count("oracle (uses the references)") == 7
+    bench.main(["--out", str(out), "--label", "val", "--ks", "4", "--workers", "1", "--samples", "50", *specs])
+    assert "pair scores from" in capsys.readouterr().out  # other --ks: the cached pairs
+    # Gzipped predictions (as committed) read the same.
+    import gzip
+
+    packed = tmp_path / "a" / "predictions.jsonl.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "a" / "predictions.jsonl").read_bytes()))
+    bench.main(["--out", str(out), "--label", "gz", "--ks", "2,6", "--workers", "1", "--samples", "50",
+                f"a={packed}", *specs[1:]])
+    assert json.loads((out / "mbr_pool_gz.json").read_text())["variants"] == res["variants"]
+    doctored = read_jsonl(tmp_path / "b" / "predictions.jsonl")
+    doctored[2]["prediction"] = next(c for c in doctored[2]["candidates"] if c != doctored[2]["prediction"])
+    (tmp_path / "b" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in doctored))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--out", str(out), "--label", "val", "--ks", "4", "--workers", "1", "--samples", "50", *specs])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 1 and "scoring 4 dialogues" in captured.out  # another file: scored again
+    assert "b: 1 of 4 differ" in captured.err
+    assert json.loads((out / "mbr_pool_val.json").read_text())["mismatches"] == {"a": 0, "b": 1, "c": 0}
+
+
+@pytest.mark.parametrize("damage", ["ids", "order", "references", "candidates"])
+def test_mbr_pool_refuses_evals_of_different_dialogues_in_one_line(tmp_path, capsys, damage):
+    bench = load_bench("mbr_pool")
+    specs = pool_evals(tmp_path)
+    rows = read_jsonl(tmp_path / "c" / "predictions.jsonl")
+    if damage == "ids":
+        rows[1]["id"] = "other"
+    elif damage == "order":
+        rows[0], rows[1] = rows[1], rows[0]
+    elif damage == "references":
+        rows[3]["references"] = ["another summary"]
+    else:
+        del rows[0]["candidates"]
+    (tmp_path / "c" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--out", str(tmp_path / "out"), "--label", "val", "--workers", "1", *specs])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: c")
+    assert not (tmp_path / "out").exists()
