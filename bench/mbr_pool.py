@@ -108,86 +108,29 @@ def read_models(specs: list[str]) -> tuple[list[str], list[list[dict]], bool]:
     return names, files, stems.pop()
 
 
-def overlaps(counts: list[collections.Counter]) -> np.ndarray:
-    """Shared n-grams of every pair as rouge-score counts them, the sum over n-grams of min(count in a, count in b):
-    min(x, y) is the number of t >= 1 with x >= t and y >= t, so the matrix is a sum of 0/1 matrix products."""
-    index: dict = {}
-    cells = np.array([(i, index.setdefault(g, len(index)), c) for i, grams in enumerate(counts)
-                      for g, c in grams.items()], dtype=np.int64).reshape(-1, 3)
-    dense = np.zeros((len(counts), len(index) + 1), dtype=np.int64)
-    dense[cells[:, 0], cells[:, 1]] = cells[:, 2]
-    out = np.zeros((len(counts), len(counts)), dtype=np.float32)  # exact: integers far below 2**24
-    for t in range(1, dense.max() + 1):
-        hit = dense >= t
-        hit = hit[:, hit.any(0)].astype(np.float32)  # past t=1 only the few n-grams some text repeats
-        out += hit @ hit.T
-    return out
-
-
-def lcs_lengths(seqs: list[list[int]], vocab_size: int) -> np.ndarray:
-    """LCS length of every pair: evaluate._lcs_length's bit-parallel row, one numpy lane per pair. A text of up to
-    64 tokens is one uint64 row and the LCS is symmetric, so each pair runs from a side that fits; pairs of two
-    longer texts (rare: summaries are ~20-40 tokens) go through _lcs_length itself."""
-    m = len(seqs)
-    lengths = np.array([len(s) for s in seqs])
-    short = np.flatnonzero(lengths <= 64)
-    tokens = np.full((m, max(lengths.max(), 1)), vocab_size)  # padding: a token no text has, a step changing nothing
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = s
-    masks = np.zeros((vocab_size + 1, len(short)), dtype=np.uint64)
-    for j, b in enumerate(short):
-        for i, token in enumerate(seqs[b]):
-            masks[token, j] |= np.uint64(1 << i)
-    full = np.array([(1 << int(n)) - 1 for n in lengths[short]], dtype=np.uint64)
-    row = np.tile(full, (m, 1))
-    for column in tokens.T:
-        match = row & masks[column]
-        row = ((row + match) | (row - match)) & full  # a carry past bit 63 wraps away; & full drops it anyway
-    out = np.zeros((m, m), dtype=np.int64)
-    out[:, short] = lengths[short] - np.bitwise_count(row)
-    out[short, :] = out[:, short].T
-    long = np.flatnonzero(lengths > 64)
-    for x, a in enumerate(long):
-        for b in long[x:]:
-            out[a, b] = out[b, a] = evaluate._lcs_length(tuple(seqs[a]), tuple(seqs[b]))
-    return out
-
-
 def pair_counts(job: tuple[list[str], list[str], bool]) -> tuple[np.ndarray, ...]:
     """One dialogue's distinct candidates -> token counts, the upper triangles of the shared unigram, bigram and LCS
     counts of every pair (ROUGE F1 follows from these exactly), and each text's ROUGE against the references
     (the sum over references, per metric, as evaluate.rouge adds them up)."""
     texts, references, stem = job
-    vocab: dict = {}
-    seqs = [[vocab.setdefault(w, len(vocab)) for w in evaluate._rouge_tokenize(t)] for t in texts]  # mbr_pick's tokens
+    tokens = [evaluate._rouge_tokenize(t) for t in texts]  # mbr_pick's tokens
     upper = np.triu_indices(len(texts))
-    pairs = [overlaps([collections.Counter(s) for s in seqs]),
-             overlaps([collections.Counter(zip(s, s[1:])) for s in seqs]), lcs_lengths(seqs, len(vocab))]
+    pairs = evaluate.pair_overlaps(tokens)  # as mbr_pick counts them
     ref = evaluate.rouge(texts, [references] * len(texts), stem).per_dialogue_sum
-    return (np.array([len(s) for s in seqs]), *(p[upper].astype(np.uint16) for p in pairs),
+    return (np.array([len(t) for t in tokens]), *(p[upper].astype(np.uint16) for p in pairs),
             np.stack([ref[m] for m in evaluate.METRICS]))
-
-
-def f1(shared: np.ndarray, n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
-    """rouge-score's F1 for pair (a, b), the same float operations (precision over b, recall over a)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision, recall = shared / n_b[None, :], shared / n_a[:, None]
-        return np.where(shared > 0, 2 * precision * recall / (precision + recall), 0.0)
 
 
 def rouge_matrices(counts: dict, d: int) -> np.ndarray:
     """(3, m, m): ROUGE-1, ROUGE-2, ROUGE-L F1 of every pair of dialogue d's distinct candidates."""
     m = int(counts["m"][d])
     start, tri = counts["starts"][d], counts["tri_starts"][d]
-    n = counts["length"][start : start + m].astype(np.float64)
     upper = np.triu_indices(m)
-    out = []
-    for name, n_grams in (("o1", np.maximum(n, 1)), ("o2", np.maximum(n - 1, 1)), ("lcs", n)):
-        shared = np.zeros((m, m))
-        shared[upper] = counts[name][tri : tri + len(upper[0])]
-        shared.T[upper] = shared[upper]
-        out.append(f1(shared, n_grams, n_grams))
-    return np.stack(out)
+    shared = np.zeros((3, m, m))
+    for matrix, name in zip(shared, ("o1", "o2", "lcs")):
+        matrix[upper] = counts[name][tri : tri + len(upper[0])]
+        matrix.T[upper] = matrix[upper]
+    return evaluate.pair_f1(counts["length"][start : start + m], *shared)
 
 
 def score_pairs(pools: list[list[str]], references: list[list[str]], stem: bool, workers: int, cache: Path,

@@ -738,6 +738,20 @@ def test_lcs_length_matches_rouge_scores_table():
         assert evaluate._lcs_length(a, b) == want == evaluate._lcs_length(b, a)
 
 
+def test_lcs_lengths_of_every_pair_match_rouge_scores_table():
+    """mbr_pick's LCS matrix: one uint64 lane per pair, around 64 tokens the lane's edge (a carry past bit 63),
+    and pairs of two longer texts through _lcs_length."""
+    from rouge_score import rouge_scorer
+
+    rng = np.random.default_rng(2)
+    for _ in range(20):  # few distinct tokens, so long texts share long subsequences
+        seqs = [list(rng.integers(0, 5, size=n)) for n in rng.choice([0, 1, 7, 30, 63, 64, 65, 90, 130], size=6)]
+        got = evaluate.lcs_lengths(seqs, 5)
+        for i, a in enumerate(seqs):
+            for j, b in enumerate(seqs):
+                assert got[i, j] == (rouge_scorer._lcs_table(a, b)[-1][-1] if a and b else 0), (len(a), len(b))
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.0, 1.0, 0.0), (0.0, 1.0, 2.0)])
 def test_mbr_pick_weighs_the_three_rouges_as_asked(weights):
     """bench/mbr_rescore.py's other utilities: the weighted mean against rouge-score's scorer over every pair."""
@@ -789,6 +803,72 @@ def test_mbr_pick_is_the_candidate_with_the_highest_mean_rouge_against_the_other
                  "Mary calls Tom.", "Tom is late for the meeting again."]
     assert evaluate.mbr_pick(consensus) == 0
     assert evaluate.mbr_pick(["same words", "same words"]) == 0  # a tie keeps the better-ranked candidate
+
+
+def adversarial_candidates(rng: np.random.Generator) -> list[str]:
+    """Candidates that hit every special case of mbr_pick's matrices: copies, empty and punctuation-only texts,
+    one word (no bigram), n-grams repeated within a text, and near-copies of texts around and past 64 tokens."""
+    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
+
+    def text(low, high):
+        return " ".join(rng.choice(vocab, size=rng.integers(low, high)))
+
+    long = text(60, 100).split()
+    near = [" ".join(long[:i] + long[i + 1 :]) for i in rng.integers(0, len(long), size=2)]  # one word dropped
+    pool = [text(2, 12) for _ in range(4)] + [" ".join(long), *near, "", "...", rng.choice(vocab),
+                                               " ".join([text(1, 3)] * rng.integers(2, 5))]
+    return list(rng.choice(pool, size=rng.integers(3, 14)))
+
+
+def brute_force_pick(texts: list[str], weights, score, copies_once=False, with_self=False) -> int:
+    """The definition: the highest mean weighted ROUGE against all the other candidates (score(other, text) from
+    rouge-score), ties to the earliest; copies_once and with_self are the two ways to get the copies wrong."""
+    def utility(other, t):
+        return sum(w * s.fmeasure for w, s in zip(weights, score(other, t))) / sum(weights)
+
+    others = [list(dict.fromkeys(o for o in texts if o != t)) if copies_once else
+              [o for j, o in enumerate(texts) if j != i or with_self] for i, t in enumerate(texts)]
+    support = [np.mean([utility(o, t) for o in os]) if os else 0.0 for t, os in zip(texts, others)]
+    return [i for i, x in enumerate(support) if x >= max(support) - 1e-9][0]
+
+
+def test_mbr_pick_matches_rouge_score_on_adversarial_candidates():
+    """Every pair's ROUGE-1/2/L F1 is rouge-score's to the bit, and every utility of bench/mbr_rescore.py picks
+    what rouge-score over all pairs picks. The data makes copies, the self pair and long texts matter: each way
+    of getting them wrong changes some picks."""
+    from rouge_score import rouge_scorer, scoring
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    cache: dict = {}
+
+    def score(target, prediction):
+        if (target, prediction) not in cache:
+            cache[target, prediction] = tuple(scorer.score(target, prediction).values())
+        return cache[target, prediction]
+
+    def long_pairs_unscored(target, prediction):  # what a broken fallback for two texts over 64 tokens would give
+        r1, r2, rl = score(target, prediction)
+        tokens = map(evaluate._rouge_tokenize, (target, prediction))
+        return (r1, r2, scoring.Score(0, 0, 0)) if min(map(len, tokens)) > 64 else (r1, r2, rl)
+
+    utilities = load_bench("mbr_rescore").UTILITIES
+    rng = np.random.default_rng(3)
+    wrong = {"copies_once": 0, "with_self": 0, "long_pairs": 0}
+    for _ in range(40):
+        texts = adversarial_candidates(rng)
+        distinct = list(dict.fromkeys(texts))
+        tokens = [evaluate._rouge_tokenize(t) for t in distinct]
+        f1 = evaluate.pair_f1(np.array([len(t) for t in tokens]), *evaluate.pair_overlaps(tokens))
+        for a, target in enumerate(distinct):
+            for b, prediction in enumerate(distinct):
+                assert tuple(f1[:, a, b]) == tuple(s.fmeasure for s in score(target, prediction))
+        for weights in utilities.values():
+            want = brute_force_pick(texts, weights, score)
+            assert evaluate.mbr_pick(texts, weights) == want, (texts, weights)
+            wrong["copies_once"] += brute_force_pick(texts, weights, score, copies_once=True) != want
+            wrong["with_self"] += brute_force_pick(texts, weights, score, with_self=True) != want
+            wrong["long_pairs"] += brute_force_pick(texts, weights, long_pairs_unscored) != want
+    assert all(wrong.values()), wrong
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -980,3 +1060,11 @@ def test_mbr_pool_refuses_evals_of_different_dialogues_in_one_line(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: c")
     assert not (tmp_path / "out").exists()
+
+
+def test_popcount_without_numpy_2_counts_the_same_bits(monkeypatch):
+    words = np.random.default_rng(0).integers(0, 2**63, size=(5, 7), dtype=np.uint64) | np.uint64(1 << 63)
+    want = np.array([[bin(int(w)).count("1") for w in row] for row in words])
+    assert (evaluate._popcount(words) == want).all()
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert (evaluate._popcount(words) == want).all()
