@@ -12,7 +12,8 @@ paired bootstrap 95% interval over dialogues: with ~20 variants on 500 dialogues
 Rescoring with the shipped rule must give back the file's own predictions; if not, the script says so and
 exits 1. Sampled candidates are independent draws, so the first k are what k samples would give; beam
 candidates are not (the first k of n beams are not a k-beam search), and are labelled so.
-Cost: ~1 min for 500 dialogues x 64 candidates on one CPU core (mostly stemming and scoring against the references).
+Cost: ~4 min for 500 dialogues x 64 candidates on the 2-core dev machine (timed while other jobs ran), mostly
+scoring candidates against the references (the oracle) and the picks of each variant.
 Choose on validation, then read test. Writes DIR/mbr_rescore.json and DIR/mbr_rescore.md.
 """
 
