@@ -199,7 +199,8 @@ class GenerationConfig(_Section):
     """Sampling temperature."""
     top_k: int = Field(50, ge=0)
     """When sampling, draw only among the k most likely tokens (0 = all). 50 is transformers' default, which
-    sampling runs before this setting existed used without saying so."""
+    sampling runs before this setting existed used without saying so (unless the model's own generation
+    config set another top_k: phi2sum now passes this value either way)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass."""
     seed: int = 0
@@ -223,8 +224,8 @@ class GenerationConfig(_Section):
     """Greedy decoding and sampling (MBR's candidates included) on a CUDA GPU (unquantized or 4-bit, SDPA or
     eager attention) run phi2sum's own loop: a static KV cache and the decoding step captured once per batch
     as a CUDA graph, replayed per token (no per-token Python or kernel launches). Samples come from the same
-    distribution as transformers' (temperature, top_k, top_p) but are other draws than its generate would
-    make. Beams, penalties, 8-bit models, flash-attention, sliding-window models and CPUs use generate."""
+    distribution as transformers' (temperature, top_k, top_p; up to ties at the k-th logit) but are other
+    draws than its generate would make (set false to get generate's draws, e.g. to repeat an older run). Beams, penalties, 8-bit models, flash-attention, sliding-window models and CPUs use generate."""
     mbr_candidates: int = Field(0, ge=0)
     """Minimum-Bayes-risk selection (0 = off, else 2 or more): generate this many candidate summaries per
     dialogue (beam search's best beams, raising num_beams to at least this many; or, with do_sample,

@@ -402,8 +402,9 @@ def graph_decoding_applies(loaded: Loaded, gen: GenerationConfig) -> bool:
 def sampling_scores(logits: torch.Tensor, gen: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens sampling may draw and their scores, as transformers' temperature, top-k and top-p warpers
     leave them: the k best tokens' ids and their logits / temperature, -inf where top-p drops one (a token
-    goes once the better tokens before it hold top_p of the mass; the best always stays). Fixed shapes, so
-    the step that uses it can be captured in a CUDA graph."""
+    goes once the better tokens before it hold top_p of the mass; the best always stays). Exactly k tokens:
+    transformers' top-k also keeps tokens tied with the k-th, so the two differ where logits tie there.
+    Fixed shapes, so the step that uses it can be captured in a CUDA graph."""
     scores = logits.float() / gen.temperature
     k = min(gen.top_k or scores.shape[-1], scores.shape[-1])
     values, ids = scores.topk(k, dim=-1)  # sorted, best first

@@ -646,7 +646,7 @@ def test_static_cache_greedy_loop_gives_generates_tokens(lm, request):
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(temperature=0.5, top_k=5),
                                       dict(temperature=1.3, top_k=0, top_p=0.8), dict(temperature=0.5, top_p=0.6),
-                                      dict(temperature=1.0, top_k=1)])
+                                      dict(temperature=1.0, top_k=1), dict(temperature=2.0, top_k=5, top_p=0.5)])
 def test_sampling_scores_are_transformers_warpers(settings):
     """The loop samples from the distribution transformers' temperature, top-k and top-p warpers leave."""
     from transformers import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
@@ -701,6 +701,12 @@ def test_static_loop_samples_candidates_per_prompt(lm, request):
     torch.manual_seed(3)
     assert evaluate.decode_candidates(endless, ids, mask, warm, graph=False) == first
     assert all(len(c) == 4 and len({tuple(s) for s in c}) > 1 for c in first)
+    # Both the prefill's token and the replayed steps' tokens are drawn, not argmax'd.
+    # (top_k 3 so that candidates share first tokens: then only later draws can tell them apart)
+    many = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_k=3, mbr_candidates=32)
+    drawn = evaluate.decode_candidates(endless, ids, mask, many, graph=False)
+    assert any(len({s[0] for s in c}) > 1 for c in drawn)
+    assert any(len({tuple(s[1:]) for s in c if s[0] == t}) > 1 for c in drawn for t in {s[0] for s in c})
 
 
 def test_graph_decoding_applies_only_to_plain_greedy_and_sampling(random_lm):
