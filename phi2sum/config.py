@@ -225,7 +225,8 @@ class GenerationConfig(_Section):
     eager attention) run phi2sum's own loop: a static KV cache and the decoding step captured once per batch
     as a CUDA graph, replayed per token (no per-token Python or kernel launches). Samples come from the same
     distribution as transformers' (temperature, top_k, top_p; up to ties at the k-th logit) but are other
-    draws than its generate would make (set false to get generate's draws, e.g. to repeat an older run). Beams, penalties, 8-bit models, flash-attention, sliding-window models and CPUs use generate."""
+    draws than its generate would make (set false to get generate's draws, e.g. to repeat an older run).
+    Beams, penalties, 8-bit models, flash-attention, sliding-window models and CPUs use generate."""
     mbr_candidates: int = Field(0, ge=0)
     """Minimum-Bayes-risk selection (0 = off, else 2 or more): generate this many candidate summaries per
     dialogue (beam search's best beams, raising num_beams to at least this many; or, with do_sample,
