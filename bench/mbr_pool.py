@@ -1,4 +1,5 @@
 """MBR over candidates pooled from several models, on the CPU: does an ensemble's consensus beat one model?
+(With one model: how many candidates, and which ROUGE mix to agree on.)
 
     phi2sum eval ... --set generation.mbr_candidates=64 --set eval.save_candidates=true --out RUN_A/eval-validation
     python3 bench/mbr_pool.py --out DIR --label validation s42=RUN_A/eval-validation/predictions.jsonl \\
@@ -14,7 +15,7 @@ metrics.json), so any selection's ROUGE is a lookup.
 
 Variants: every non-empty set of models (with more than 4 models: each alone, all, and all but one), the first k
 candidates of each model in the set for each k in --ks (plus all of them for a model alone: eval's own pick), and
-each of mbr_rescore.py's utilities. A pick is the candidate with the highest weighted ROUGE against all the other
+each utility in UTILITIES. A pick is the candidate with the highest weighted ROUGE against all the other
 pooled candidates (a text's other copies count, as in mbr_pick), ties to the earliest. Pooling independently
 trained models is an ensemble at the summary level: the consensus of their samples. Per set of models, the oracle
 (the candidate with the best mean ROUGE-1/2/L against the references) is a ceiling on that mean, not a decoding.
@@ -50,10 +51,13 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the worker processes are the parallelism: one thread each
 import numpy as np  # noqa: E402
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from mbr_rescore import MAIN, UTILITIES  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phi2sum import evaluate  # noqa: E402
+
+# What the candidates may agree on: the shipped rule (all three ROUGEs) and one or two of them.
+UTILITIES = {"R1+R2+RL": (1.0, 1.0, 1.0), "R1": (1.0, 0.0, 0.0), "R2": (0.0, 1.0, 0.0), "RL": (0.0, 0.0, 1.0),
+             "R2+RL": (0.0, 1.0, 1.0)}
+MAIN = ("rouge1", "rouge2", "rougeL")
 
 CACHE_VERSION = "1"  # bump when what the cache holds changes
 

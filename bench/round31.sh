@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Eighth session (issue 10), a 4-GPU machine: four trainings at once, one per GPU, then each model's validation
-# eval with 64 MBR candidates saved (the candidates feed bench/mbr_rescore.py and bench/mbr_pool.py on the CPU).
+# eval with 64 MBR candidates saved (the candidates feed bench/mbr_pool.py on the CPU).
 #   s42, s1, s2: configs/smollm2.yaml with train.seed 42 (the config's), 1, 2
 #   full: the same data and schedule, every weight trained (lora.enabled=false, lr 1e-4: the second session's
 #         full fine-tune ablation)

@@ -159,6 +159,14 @@ class TrainConfig(_Section):
     Speed about the same either way (H100, docs/RESULTS.md); memory less without: SmolLM2's full fine-tune at
     micro-batch 128 peaked at 43.7 instead of 49.1 GiB over 60 steps, and only without the mask did its
     widest batch (128 x 1,024 tokens) fit the 80 GB card."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Cross-entropy label smoothing in training (as transformers' `label_smoothing_factor`): the target puts
+    this share of its mass evenly on all tokens. The logged train loss includes it; validation loss (and so
+    keep-best and early stopping) is plain cross-entropy."""
+    neftune_alpha: float = Field(0.0, ge=0.0)
+    """NEFTune (Jain et al. 2023; transformers' `neftune_noise_alpha`, 5 in the paper): in training, uniform noise
+    of size alpha / sqrt(length x hidden size) is added to the input embeddings (length: the row's real tokens).
+    0 = off; validation loss and generation never see noise."""
     seed: int = 42
     """Seed for data order, LoRA init and dropout."""
     log_every: int = Field(10, ge=1)
@@ -215,7 +223,7 @@ class GenerationConfig(_Section):
     batch_size: int = Field(32, ge=1)
     """Most dialogues generated together."""
     batch_tokens: int = Field(0, ge=0)
-    """Also cap each batch at this many tokens of KV cache, counted as rows x beams (or MBR candidates) x
+    """Also cap each batch at this many tokens of KV cache, counted as rows x beams (or MBR candidates/evidence) x
     (longest prompt + max_new_tokens); long dialogues then go in smaller batches, short ones in larger (0 = no cap)."""
     cache: Literal["dynamic", "static"] = "dynamic"
     """KV cache: `dynamic` grows per token; `static` is allocated once per batch and transformers then
@@ -232,13 +240,24 @@ class GenerationConfig(_Section):
     dialogue (beam search's best beams, raising num_beams to at least this many; or, with do_sample,
     this many samples) and keep the one that agrees most with the others (mean stemmed ROUGE-1/2/L F1):
     the consensus rather than the single most probable string."""
+    mbr_evidence: int = Field(0, ge=0)
+    """With sampled MBR candidates: also draw this many samples per dialogue at mbr_evidence_temperature and
+    score each candidate against them instead of against the other candidates (0 = the candidates are their
+    own evidence). The candidates come from the sharpened distribution (temperature), the evidence from the
+    model's own (temperature 1): MBR's expected agreement is an expectation over the model's summaries, and
+    samples at 0.5 over-count its most likely wording. SmolLM2 on DialogSum, 64 candidates at 0.5: validation
+    mean ROUGE-1/2/L 0.3890 -> 0.4032 with 64 samples at 1.0 as evidence (docs/RESULTS.md). Costs the
+    evidence's sampling time (64 + 64 samples: about twice 64 alone)."""
+    mbr_evidence_temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the MBR evidence (top_k and top_p as for the candidates)."""
     max_input_tokens: int = Field(896, ge=16)
     """Longer dialogues are shortened (with a warning) to fit this many prompt tokens."""
 
     @property
     def sequences_per_dialogue(self) -> int:
-        """Sequences decoded at once per dialogue: the beams, or the MBR candidates (sampling has one beam)."""
-        return max(self.num_beams, self.mbr_candidates)
+        """Sequences decoded at once per dialogue: the beams, or the MBR candidates or evidence (sampling has one
+        beam; candidates and evidence are decoded one after the other)."""
+        return max(self.num_beams, self.mbr_candidates, self.mbr_evidence)
 
 
 class EvalConfig(_Section):
@@ -250,7 +269,9 @@ class EvalConfig(_Section):
     """Bootstrap resamples for the 95% confidence intervals (0 = none)."""
     save_candidates: bool = False
     """With generation.mbr_candidates: also write every candidate summary into predictions.jsonl
-    (`candidates`, ~4 MB for 500 dialogues x 64), for re-selecting on the CPU with bench/mbr_rescore.py."""
+    (`candidates`, ~4 MB for 500 dialogues x 64; with generation.mbr_evidence also `evidence`), and where
+    phi2sum's loop sampled them each one's log-probability and token count, for re-selecting on the CPU
+    (bench/mbr_pool.py, bench/mbr_evidence.py)."""
     output_dir: str | None = None
     """Where predictions and metrics go (default: `<adapter run>/eval`)."""
 
@@ -305,6 +326,9 @@ class RunConfig(_Section):
             out.append("generation.do_sample and num_beams > 1 do not mix; pick one")
         if self.generation.mbr_candidates == 1:
             out.append("generation.mbr_candidates: 1 leaves nothing to choose; use 0 (off) or 2 or more")
+        if self.generation.mbr_evidence and not (self.generation.do_sample and self.generation.mbr_candidates):
+            out.append("generation.mbr_evidence needs sampled MBR candidates (generation.do_sample: true and "
+                       "generation.mbr_candidates >= 2); set it to 0 otherwise")
         return out
 
 

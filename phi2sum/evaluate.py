@@ -105,6 +105,12 @@ class Generated:
     run_on: bool  # the model kept going past the summary (a new turn or prompt appeared)
     truncated_input: bool
     candidates: tuple[str, ...] = ()  # with MBR: every candidate's text in generation order (text is one of them)
+    # Sum of the model's log-probabilities of the new tokens, stop token included (phi2sum's decoding loop only;
+    # None where transformers' generate decoded), and with MBR each candidate's, with its new-token count.
+    logprob: float | None = None
+    candidate_logprobs: tuple[float | None, ...] = ()
+    candidate_tokens: tuple[int, ...] = ()
+    evidence: tuple[str, ...] = ()  # with generation.mbr_evidence: the samples the candidates were scored against
 
 
 def clean_summary(raw: str) -> tuple[str, bool]:
@@ -159,6 +165,8 @@ def _generate_batches(loaded: Loaded, prompts: list, gen: GenerationConfig, on_b
         width = max(len(prompts[i][0]) for i in idx)
         try:
             new_tokens = _generate_padded(loaded, [prompts[i][0] for i in idx], gen)
+            evidence = _generate_padded(loaded, [prompts[i][0] for i in idx], evidence_config(gen)) \
+                if gen.mbr_evidence else [[]] * len(idx)
         except torch.OutOfMemoryError:
             if len(idx) == 1:
                 raise Phi2sumError(
@@ -175,11 +183,15 @@ def _generate_batches(loaded: Loaded, prompts: list, gen: GenerationConfig, on_b
                  f"generation.batch_tokens lower to start there)")
             pending.insert(0, idx)
             continue
-        for i, candidates in zip(idx, new_tokens):
-            finished = [_finish(loaded, tokens, prompts[i][1]) for tokens in candidates]
+        for i, candidates, drawn in zip(idx, new_tokens, evidence):
+            finished = [_finish(loaded, tokens, prompts[i][1], logprob) for tokens, logprob in candidates]
             if len(finished) > 1:
                 texts = [g.text for g in finished]
-                results[i] = replace(finished[mbr_pick(texts)], candidates=tuple(texts))
+                others = tuple(_finish(loaded, tokens, False).text for tokens, _ in drawn)
+                results[i] = replace(finished[mbr_pick(texts, evidence=others or None)], candidates=tuple(texts),
+                                     evidence=others,
+                                     candidate_logprobs=tuple(g.logprob for g in finished),
+                                     candidate_tokens=tuple(g.new_tokens for g in finished))
             else:
                 results[i] = finished[0]
         if on_batch:
@@ -187,13 +199,20 @@ def _generate_batches(loaded: Loaded, prompts: list, gen: GenerationConfig, on_b
     return results  # type: ignore[return-value]
 
 
-def _finish(loaded: Loaded, tokens: list[int], truncated_input: bool) -> Generated:
+def evidence_config(gen: GenerationConfig) -> GenerationConfig:
+    """How MBR's evidence is sampled: generation.mbr_evidence samples at mbr_evidence_temperature, otherwise as
+    the candidates (top_k, top_p, batches)."""
+    return gen.model_copy(update={"temperature": gen.mbr_evidence_temperature, "mbr_candidates": gen.mbr_evidence,
+                                  "mbr_evidence": 0})
+
+
+def _finish(loaded: Loaded, tokens: list[int], truncated_input: bool, logprob: float | None = None) -> Generated:
     """The summary from the new tokens: everything before the first stop token, decoded and cleaned."""
     cut = next((k for k, t in enumerate(tokens) if t in loaded.stop_ids), None)
     kept = tokens if cut is None else tokens[:cut]
     raw = loaded.tokenizer.decode(kept, skip_special_tokens=True)
     text, run_on = clean_summary(raw)
-    return Generated(text, raw, len(kept), cut is None, run_on, truncated_input)
+    return Generated(text, raw, len(kept), cut is None, run_on, truncated_input, logprob=logprob)
 
 
 @functools.lru_cache(maxsize=1)
@@ -299,28 +318,34 @@ def pair_f1(lengths: np.ndarray, unigrams: np.ndarray, bigrams: np.ndarray, lcs:
     return np.stack(out)
 
 
-def mbr_pick(texts: list[str], weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> int:
+def mbr_pick(texts: list[str], weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+             evidence: list[str] | tuple[str, ...] | None = None) -> int:
     """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
-    ROUGE-1/2/L F1 (Porter-stemmed, eval's default; `weights` weighs the three, for bench/mbr_rescore.py's
-    comparisons) against all the others; ties go to the earlier candidate (the
-    better beam; supports within 1e-9 are ties). Candidates can repeat one another (beams rarely, samples of a
-    confident model more often), so each distinct text is tokenized and compared once and weighted by its
-    copies: the choice of comparing all N(N-1)/2 pairs, for the cost of the distinct ones. The pairs are scored
-    as matrices (pair_overlaps, pair_f1): a Python loop over 64 samples' ~2,000 pairs kept the GPU waiting for
-    ~1/5 of an eval."""
+    ROUGE-1/2/L F1 (Porter-stemmed, eval's default; `weights` weighs the three, for bench/mbr_pool.py's
+    comparisons) against the evidence: all the other candidates, or with `evidence` (generation.mbr_evidence)
+    those texts, every one of them (copies count; a candidate equal to an evidence text scores 1 against it).
+    Ties go to the earlier candidate (the better beam; supports within 1e-9 are ties). Texts repeat (beams
+    rarely, samples of a confident model more often), so each distinct text is tokenized and compared once and
+    weighted by its copies: the choice of comparing all pairs, for the cost of the distinct ones. The pairs are
+    scored as matrices (pair_overlaps, pair_f1): a Python loop over 64 samples' ~2,000 pairs kept the GPU
+    waiting for ~1/5 of an eval."""
     if not (len(weights) == 3 and all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0):
         raise ValueError(f"mbr_pick weights must be three finite values >= 0, not all 0; got {weights}")
-    distinct = list(dict.fromkeys(texts))  # first-seen order
+    if evidence is not None and not evidence:
+        raise ValueError("mbr_pick evidence must hold at least one text (or be None: the candidates)")
+    pool = list(texts) + list(evidence or ())
+    distinct = list(dict.fromkeys(pool))  # first-seen order
     which = {t: i for i, t in enumerate(distinct)}
-    copies = np.bincount([which[t] for t in texts], minlength=len(distinct))
+    copies = np.bincount([which[t] for t in (texts if evidence is None else evidence)], minlength=len(distinct))
     tokens = [_rouge_tokenize(t) for t in distinct]
     r1, r2, rl = pair_f1(np.array([len(t) for t in tokens]), *pair_overlaps(tokens))
     (w1, w2, wl), total = weights, sum(weights)
     pair = (w1 * r1 + w2 * r2 + wl * rl) / total
-    # Each text against every other candidate: other texts times their copies, and its own other copies
-    # (1 for most texts, less for one word (no bigram), 0 for an empty one).
     terms = pair * copies
-    np.fill_diagonal(terms, (copies - 1) * pair.diagonal())
+    if evidence is None:
+        # Each text against every other candidate: other texts times their copies, and its own other copies
+        # (1 for most texts, less for one word (no bigram), 0 for an empty one).
+        np.fill_diagonal(terms, (copies - 1) * pair.diagonal())
     # Summed left to right (cumsum is sequential; sum is not), in the order a loop over the pairs adds them:
     # the same floats as the pairwise mbr_pick that chose earlier evals' predictions, so those reproduce exactly.
     support = np.cumsum(terms, axis=1)[:, -1]
@@ -329,8 +354,10 @@ def mbr_pick(texts: list[str], weights: tuple[float, float, float] = (1.0, 1.0, 
     return int(np.flatnonzero(per_candidate >= per_candidate.max() - 1e-9)[0])
 
 
-def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig) -> list[list[list[int]]]:
-    """New tokens for each prompt: one sequence, or with MBR on its candidates."""
+def _generate_padded(loaded: Loaded, prompts: list[list[int]],
+                     gen: GenerationConfig) -> list[list[tuple[list[int], float | None]]]:
+    """For each prompt, its sequence (or with MBR its candidates), each as (new tokens, log-probability): the
+    log-probability (decode_static's sum) where phi2sum's loop decoded, None where generate did."""
     tok, model = loaded.tokenizer, loaded.model
     n = gen.sequences_per_dialogue
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
@@ -358,17 +385,17 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationCo
             return decode_candidates(loaded, input_ids, attention, gen, graph=True)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-    new = out[:, width:].cpu().tolist()
+    new = [(tokens, None) for tokens in out[:, width:].cpu().tolist()]
     per = kwargs["num_return_sequences"]  # generate returns each prompt's sequences together
     return [new[k : k + per] for k in range(0, len(new), per)]
 
 
 def decode_candidates(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
-                      graph: bool) -> list[list[list[int]]]:
+                      graph: bool) -> list[list[tuple[list[int], float]]]:
     """decode_static for a batch of prompts, grouped per prompt: one sequence each, or with MBR sampling its
-    mbr_candidates samples (each prompt repeated that many times as rows of its own)."""
+    mbr_candidates samples (each prompt's cache copied to that many rows of its own after one prefill)."""
     per = gen.mbr_candidates or 1  # only sampling reaches here with candidates (beams go to generate)
-    rows = decode_static(loaded, input_ids.repeat_interleave(per, 0), attention.repeat_interleave(per, 0), gen, graph)
+    rows = decode_static(loaded, input_ids, attention, gen, graph, copies=per)
     return [rows[k : k + per] for k in range(0, len(rows), per)]
 
 
@@ -424,9 +451,13 @@ def sample_token(logits: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
 
 
 def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
-                  graph: bool) -> list[list[int]]:
+                  graph: bool, copies: int = 1) -> list[tuple[list[int], float]]:
     """Greedy decoding or sampling (gen.do_sample) of one left-padded batch with a static KV cache; with
-    `graph` (CUDA) the decoding step is captured once as a CUDA graph and replayed for every token.
+    `graph` (CUDA) the decoding step is captured once as a CUDA graph and replayed for every token. With
+    `copies` > 1 each prompt is decoded that many times (MBR's samples): its prompt runs through the model once
+    and its cache rows are copied, instead of prefilling the same prompt `copies` times. Returns, per output row
+    (prompt r's copies at rows r * copies ...), the new tokens and the sum of their log-probabilities under
+    the model (temperature 1, before any top-k/top-p), up to and including the stop token.
 
     Why not generate(): for a small model its per-token Python and kernel launches, not the GPU, set the
     pace (SmolLM2-135M, 500 dialogues: ~0.1 s per token whatever the batch size). A captured step replays
@@ -439,7 +470,8 @@ def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     model, device = loaded.model, loaded.hardware.device
     base = modeling.unwrap_peft(model)
     dtype = base.get_input_embeddings().weight.dtype
-    rows, width = input_ids.shape
+    prompts, width = input_ids.shape
+    rows = prompts * copies
     total = width + gen.max_new_tokens
     cache = StaticCache(config=base.config, max_cache_len=total)
     # newer transformers (5.2x) name the argument `cache`; `past_key_values` before (a deprecated alias now)
@@ -456,14 +488,24 @@ def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)[:, None]
     positions = (real.long().cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                   **{cache_arg: cache}).logits
+                   **{cache_arg: cache}).logits[:, -1]
     del mask, allowed
+    if copies > 1:
+        # Each prompt's cache rows and last logits, copied to its candidates' rows (the cache's own
+        # reordering, as beam search uses it). Prefilling 64 copies of a prompt cost 64x the compute and the
+        # activation memory that capped MBR batches.
+        expand = torch.arange(prompts, device=device).repeat_interleave(copies)
+        cache.reorder_cache(expand)
+        logits, real, pad = logits[expand], real[expand], pad[expand]
     pick = functools.partial(sample_token, gen=gen) if gen.do_sample else (lambda scores: scores.argmax(-1))
-    first = pick(logits[:, -1])
+    first = pick(logits)
     stops = torch.tensor(loaded.stop_ids, device=device)
     tokens = torch.full((rows, gen.max_new_tokens), loaded.tokenizer.pad_token_id, dtype=torch.long, device=device)
     tokens[:, 0] = first
+    # Log-probabilities of the chosen tokens, summed while a row has not stopped (its stop token counts).
+    logprob = logits.float().log_softmax(-1).gather(-1, first[:, None]).squeeze(-1)
     done = (first[:, None] == stops).any(1)
+    del logits
 
     # Decoding state lives in tensors updated in place, so one captured step serves every token.
     current = first[:, None].clone()
@@ -474,8 +516,11 @@ def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     step_mask.masked_fill_(((cols < pad[:, None]) | (cols > width))[:, None, None], blocked)
 
     def step():
-        nxt = pick(model(input_ids=current, attention_mask=step_mask, position_ids=position, use_cache=True,
-                         **{cache_arg: cache}).logits[:, -1])
+        scores = model(input_ids=current, attention_mask=step_mask, position_ids=position, use_cache=True,
+                       **{cache_arg: cache}).logits[:, -1]
+        nxt = pick(scores)
+        chosen = scores.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        logprob.add_(chosen.masked_fill_(done, 0.0))
         tokens.index_copy_(1, out_col, nxt[:, None])
         done.logical_or_((nxt[:, None] == stops).any(1))
         current.copy_(nxt[:, None])
@@ -508,7 +553,7 @@ def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
         if k % 8 == 0 and bool(done.all()):  # one host sync every 8 tokens
             break
         run()
-    return tokens.cpu().tolist()
+    return list(zip(tokens.cpu().tolist(), logprob.cpu().tolist()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -656,7 +701,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
             write_jsonl_atomic(out_dir / f"predictions{suffix}.jsonl", [
                 {"id": i, "dialogue": d, "references": r, "prediction": g.text, "raw_output": g.raw,
                  "new_tokens": g.new_tokens, "hit_max_new_tokens": g.hit_max, "run_on": g.run_on,
-                 **({"candidates": list(g.candidates)} if cfg.eval.save_candidates and g.candidates else {})}
+                 **(_saved_candidates(g) if cfg.eval.save_candidates and g.candidates else {})}
                 for i, d, r, g in zip(ids, dialogues, references, gens)])
     if not main:
         return None
@@ -666,6 +711,16 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
              f"({cfg.generation.max_input_tokens})")
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _saved_candidates(g: Generated) -> dict:
+    """eval.save_candidates' fields: the texts, and (where phi2sum's loop decoded) each candidate's summed
+    log-probability and new-token count, for re-selection studies on the CPU (bench/mbr_pool.py)."""
+    out = {"candidates": list(g.candidates), **({"evidence": list(g.evidence)} if g.evidence else {})}
+    if g.candidate_logprobs and None not in g.candidate_logprobs:
+        out.update(candidate_logprobs=[round(x, 4) for x in g.candidate_logprobs],
+                   candidate_new_tokens=list(g.candidate_tokens))
+    return out
 
 
 def _fmt(entry: dict) -> str:

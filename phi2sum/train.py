@@ -64,21 +64,31 @@ class SummaryLoss(nn.Module):
     the output head: with ~10x more prompt than summary tokens this skips most of the vocab-sized
     logits (51,200 x seq for Phi-2), the largest activation of the step."""
 
-    def __init__(self, model, padding_mask: bool = False):
+    def __init__(self, model, padding_mask: bool = False, label_smoothing: float = 0.0, neftune_alpha: float = 0.0):
         super().__init__()
         self.model = model
         self.padding_mask = padding_mask
+        self.label_smoothing = label_smoothing
+        self.neftune_alpha = neftune_alpha
 
     def forward(self, input_ids, attention_mask, labels):
         causal_lm = modeling.unwrap_peft(self.model)
         # collate pads on the right, so under a causal mask no real token sees a pad: the padding mask
         # changes nothing the loss reads (train.padding_mask), and without one SDPA takes its causal kernels.
         mask = attention_mask if self.padding_mask else None
-        hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)[0]
+        inputs = {"input_ids": input_ids}
+        if self.training and self.neftune_alpha > 0:
+            embeds = causal_lm.get_input_embeddings()(input_ids)
+            # Noise per row scaled by its own length (pads excluded), as the NEFTune paper's L.
+            scale = self.neftune_alpha / (attention_mask.sum(1) * embeds.shape[-1]).clamp(min=1).sqrt()
+            noise = torch.empty_like(embeds).uniform_(-1, 1) * scale[:, None, None].to(embeds.dtype)
+            inputs = {"inputs_embeds": embeds + noise}
+        hidden = causal_lm.base_model(**inputs, attention_mask=mask, use_cache=False)[0]
         targets = labels[:, 1:]
         keep = targets != -100
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-        return nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum",
+                                           label_smoothing=self.label_smoothing if self.training else 0.0)
 
 
 def uses_padding_mask(cfg: RunConfig) -> bool:
@@ -414,7 +424,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Trai
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     optimizer = make_optimizer(trainable, t, accelerator.device.type)
-    loss_model = SummaryLoss(model, uses_padding_mask(cfg))
+    loss_model = SummaryLoss(model, uses_padding_mask(cfg), cfg.train.label_smoothing, cfg.train.neftune_alpha)
     if cfg.model.trust_remote_code and not t.padding_mask and main:
         info("model.trust_remote_code: training passes the padding mask (train.padding_mask is for known-causal models)")
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)

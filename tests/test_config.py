@@ -205,6 +205,8 @@ def test_cross_field_problems_are_collected_together(tmp_path):
     (["train.precision=bf16", "train.device=cpu"], "use fp32"),
     (["generation.do_sample=true", "generation.num_beams=4"], "pick one"),
     (["generation.mbr_candidates=1"], "use 0 \\(off\\) or 2 or more"),
+    (["generation.mbr_evidence=8"], "mbr_evidence needs sampled MBR candidates"),
+    (["generation.mbr_evidence=8", "generation.mbr_candidates=4"], "mbr_evidence needs sampled MBR candidates"),
 ])
 def test_cross_field_checks_name_the_fix(overrides, fix):
     with pytest.raises(ConfigError, match=fix):

@@ -352,7 +352,7 @@ def test_eval_verb_writes_table_predictions_and_metrics(trained, tmp_path):
 
 
 def test_mbr_eval_saves_candidates_that_rescoring_turns_back_into_its_predictions(trained, tmp_path):
-    """With generation.mbr_candidates, predictions.jsonl keeps every candidate; bench/mbr_rescore.py re-selects
+    """With generation.mbr_candidates, predictions.jsonl keeps every candidate; bench/mbr_pool.py re-selects
     from them on the CPU, and the shipped rule over all candidates gives back eval's own predictions."""
     import subprocess
     import sys
@@ -368,68 +368,28 @@ def test_mbr_eval_saves_candidates_that_rescoring_turns_back_into_its_prediction
     rows = read_jsonl(out / "predictions.jsonl")
     assert all(len(r["candidates"]) == 6 and r["prediction"] in r["candidates"] for r in rows)
     assert any(len(set(r["candidates"])) > 1 for r in rows)  # sampled: the choice is a real one
-    bench = subprocess.run([sys.executable, str(ROOT / "bench" / "mbr_rescore.py"), str(out / "predictions.jsonl"),
-                            "--out", str(tmp_path / "rescore"), "--ks", "2,6"], capture_output=True, text=True)
+    bench = subprocess.run([sys.executable, str(ROOT / "bench" / "mbr_pool.py"), f"m={out / 'predictions.jsonl'}",
+                            "--out", str(tmp_path / "rescore"), "--label", "t", "--ks", "2,6", "--workers", "1",
+                            "--samples", "50"], capture_output=True, text=True)
     assert bench.returncode == 0, bench.stderr
-    res = json.loads((tmp_path / "rescore" / "mbr_rescore.json").read_text())[0]
-    assert (res["dialogues"], res["candidates"], res["mismatches"]) == (len(rows), 6, 0)
-    variants = {v["variant"]: v for v in res["variants"]}
-    shipped = variants["MBR k=6, agree on R1+R2+RL"]
+    res = json.loads((tmp_path / "rescore" / "mbr_pool_t.json").read_text())
+    assert (res["dialogues"], res["candidates"], res["mismatches"]) == (len(rows), {"m": 6}, {"m": 0})
+    shipped = next(v for v in res["variants"] if (v["k"], v["utility"]) == (6, "R1+R2+RL"))
     scored = json.loads((out / "metrics.json").read_text())["models"]["fine-tuned"]
     assert shipped["rouge1"] == pytest.approx(scored["rouge1"]["mean"], abs=1e-12)
-    oracle = variants["oracle over 6 (uses the references)"]
-    assert all(oracle["rouge1"] + oracle["rouge2"] + oracle["rougeL"] >= v["rouge1"] + v["rouge2"] + v["rougeL"] - 1e-12
-               for v in res["variants"])
+    oracle = next(v for v in res["variants"] if v["utility"].startswith("oracle"))
+    assert all(oracle["mean"] >= v["mean"] - 1e-12 for v in res["variants"])
 
-
-def test_mbr_rescore_subsets_utilities_oracle_and_the_reproduction_check(tmp_path):
-    """bench/mbr_rescore.py on hand-made candidates: the k=2 rows use the first two candidates only, each utility
-    its own weights, the oracle is the brute-force best against the references, the shipped rule differs from
-    itself by 0, and predictions the shipped rule does not give back end in exit 1."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    from rouge_score import rouge_scorer
-
-    spec = importlib.util.spec_from_file_location("mbr_rescore", ROOT / "bench" / "mbr_rescore.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rng = np.random.default_rng(5)
-    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
-    rows = []
-    for i in range(12):
-        cands = [" ".join(rng.choice(vocab, size=rng.integers(2, 9))) for _ in range(5)]
-        refs = [" ".join(rng.choice(vocab, size=rng.integers(3, 9))) for _ in range(2)]
-        rows.append({"id": f"d{i}", "references": refs, "candidates": cands,
-                     "prediction": cands[evaluate.mbr_pick(cands)]})
-    path = tmp_path / "predictions.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = bench.rescore(path, [2, 5], samples=200)
-    assert (res["candidates"], res["mismatches"]) == (5, 0)
-    variants = {v["variant"]: v for v in res["variants"]}
-    refs = [r["references"] for r in rows]
-    for name, weights in bench.UTILITIES.items():
-        for k in (2, 5):
-            picks = [r["candidates"][:k][evaluate.mbr_pick(r["candidates"][:k], weights)] for r in rows]
-            want = evaluate.rouge(picks, refs).pairs
-            assert variants[f"MBR k={k}, agree on {name}"]["rouge2"] == pytest.approx(want["rouge2"], abs=1e-12)
-    shipped = variants["MBR k=5, agree on R1+R2+RL"]
-    assert shipped["vs_shipped"] == 0 and shipped["vs_shipped_ci95"] == [0, 0]
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-
-    def mean3(text, references):
-        return np.mean([np.mean([s.fmeasure for s in scorer.score(ref, text).values()]) for ref in references])
-
-    best = [max(r["candidates"], key=lambda t, refs=r["references"]: mean3(t, refs)) for r in rows]
-    want = evaluate.rouge(best, refs).pairs
-    assert variants["oracle over 5 (uses the references)"]["rougeL"] == pytest.approx(want["rougeL"], abs=1e-12)
-    assert variants["oracle over 5 (uses the references)"]["vs_shipped"] > 0
-    rows[3]["prediction"] = rows[3]["candidates"][evaluate.mbr_pick(rows[3]["candidates"]) - 1]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "mbr_rescore.py"), str(path), "--out",
-                          str(tmp_path / "out"), "--ks", "5"], capture_output=True, text=True)
-    assert run.returncode == 1 and "did not reproduce 1 saved prediction" in run.stderr
+    # With evidence: mbr_evidence samples per dialogue, saved, and the pick is mbr_pick against them.
+    result = runner.invoke(app, ["eval", "--adapter", str(trained), "--compare", "none", "--out", str(out), *mbr,
+                                 "--set", "eval.save_candidates=true", "--set", "generation.mbr_evidence=5",
+                                 "--set", "generation.mbr_evidence_temperature=2.0"])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert all(len(r["candidates"]) == 6 and len(r["evidence"]) == 5 for r in rows)
+    assert all(r["prediction"] == r["candidates"][evaluate.mbr_pick(r["candidates"], evidence=r["evidence"])]
+               for r in rows)
+    assert json.loads((out / "metrics.json").read_text())["generation"]["mbr_evidence"] == 5
 
 
 def test_eval_compare_none_and_limit_beyond_the_split(trained):
@@ -630,14 +590,14 @@ def test_static_cache_greedy_loop_gives_generates_tokens(lm, request):
     ids, mask = _padded_batch(loaded, gen)
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     endless = replace(loaded, stop_ids=[-1])
-    reference = [c[0] for c in evaluate._generate_padded(endless, prompts, gen)]
-    assert evaluate.decode_static(endless, ids, mask, gen, graph=False) == reference
+    reference = [c[0][0] for c in evaluate._generate_padded(endless, prompts, gen)]
+    assert [t for t, _ in evaluate.decode_static(endless, ids, mask, gen, graph=False)] == reference
     assert len({tuple(r) for r in reference}) > 1  # the rows really differ
     # A token some rows produce mid-way becomes the stop token: those rows end there, the others go on.
     stop = reference[0][4]
     stopping = replace(loaded, stop_ids=[stop])
-    reference = [c[0] for c in evaluate._generate_padded(stopping, prompts, gen)]
-    ours = evaluate.decode_static(stopping, ids, mask, gen, graph=False)
+    reference = [c[0][0] for c in evaluate._generate_padded(stopping, prompts, gen)]
+    ours = [t for t, _ in evaluate.decode_static(stopping, ids, mask, gen, graph=False)]
     cuts = [next((k for k, t in enumerate(r) if t == stop), None) for r in reference]
     assert cuts[0] == 4 and None in cuts
     for want, got, cut in zip(reference, ours, cuts):
@@ -682,6 +642,10 @@ def test_sample_token_draws_each_token_at_its_probability():
     assert share[2] == 0 and share[3] == 0  # outside the top 3
 
 
+def _tokens(groups):
+    return [[tokens for tokens, _ in group] for group in groups]
+
+
 @pytest.mark.parametrize("lm", ["random_lm", "gqa_lm"])
 def test_static_loop_samples_candidates_per_prompt(lm, request):
     """MBR's sampling through the loop: each prompt gets its own candidates (at a temperature near 0 they are
@@ -690,23 +654,75 @@ def test_static_loop_samples_candidates_per_prompt(lm, request):
     endless = replace(loaded, stop_ids=[-1])
     greedy = GenerationConfig(max_new_tokens=10)
     ids, mask = _padded_batch(loaded, greedy)
-    reference = [c[0] for c in evaluate._generate_padded(endless, [r[m.bool()].tolist() for r, m in zip(ids, mask)],
+    reference = [c[0][0] for c in evaluate._generate_padded(endless, [r[m.bool()].tolist() for r, m in zip(ids, mask)],
                                                          greedy)]
     cold = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1e-6, mbr_candidates=3)
-    grouped = evaluate.decode_candidates(endless, ids, mask, cold, graph=False)
+    grouped = _tokens(evaluate.decode_candidates(endless, ids, mask, cold, graph=False))
     assert grouped == [[want] * 3 for want in reference]
     warm = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_k=0, mbr_candidates=4)
     torch.manual_seed(3)
-    first = evaluate.decode_candidates(endless, ids, mask, warm, graph=False)
+    first = _tokens(evaluate.decode_candidates(endless, ids, mask, warm, graph=False))
     torch.manual_seed(3)
-    assert evaluate.decode_candidates(endless, ids, mask, warm, graph=False) == first
+    assert _tokens(evaluate.decode_candidates(endless, ids, mask, warm, graph=False)) == first
     assert all(len(c) == 4 and len({tuple(s) for s in c}) > 1 for c in first)
     # Both the prefill's token and the replayed steps' tokens are drawn, not argmax'd.
     # (top_k 3 so that candidates share first tokens: then only later draws can tell them apart)
     many = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_k=3, mbr_candidates=32)
-    drawn = evaluate.decode_candidates(endless, ids, mask, many, graph=False)
+    drawn = _tokens(evaluate.decode_candidates(endless, ids, mask, many, graph=False))
     assert any(len({s[0] for s in c}) > 1 for c in drawn)
     assert any(len({tuple(s[1:]) for s in c if s[0] == t}) > 1 for c in drawn for t in {s[0] for s in c})
+
+
+@pytest.mark.parametrize("lm", ["random_lm", "gqa_lm"])
+def test_static_loop_log_probabilities_are_the_models(lm, request):
+    """Each row's log-probability is the sum of log-softmax(logits) of its tokens in a plain forward pass over
+    prompt + tokens (temperature 1, whatever the sampling temperature), up to and including its stop token."""
+    loaded = request.getfixturevalue(lm)
+    gen = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=0)
+    ids, mask = _padded_batch(loaded, gen)
+    torch.manual_seed(0)
+    free = evaluate.decode_static(replace(loaded, stop_ids=[-1]), ids, mask, gen, graph=False)
+    stop = free[0][0][3]  # a token row 0 draws mid-way: as the stop token, rows end at different places
+    stopping = replace(loaded, stop_ids=[stop])
+    torch.manual_seed(0)
+    rows = evaluate.decode_static(stopping, ids, mask, gen, graph=False)
+    assert [t for t, _ in rows] == [t for t, _ in free]  # the same draws; only where the sums end differs
+    ended = 0
+    for prompt, m, (tokens, logprob) in zip(ids, mask, rows):
+        kept = tokens[: tokens.index(stop) + 1] if stop in tokens else tokens
+        ended += len(kept) < len(tokens)
+        seq = torch.tensor([prompt[m.bool()].tolist() + kept])
+        with torch.no_grad():
+            logp = loaded.model(seq).logits[0, :-1].float().log_softmax(-1)
+        n = len(kept)
+        want = logp[-n:].gather(-1, seq[0, -n:, None]).sum().item()
+        assert logprob == pytest.approx(want, abs=1e-3)
+    assert ended >= 1
+
+
+@pytest.mark.parametrize("lm", ["random_lm", "gqa_lm"])
+def test_static_loop_prefills_each_prompt_once_for_its_copies(lm, request):
+    """MBR's candidates prefill each prompt once and copy its cache: the same tokens and log-probabilities as
+    prefilling every copy of the prompt as a row of its own (same seed)."""
+    loaded = replace(request.getfixturevalue(lm), stop_ids=[-1])
+    gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.0, top_k=0)
+    ids, mask = _padded_batch(loaded, gen)
+    torch.manual_seed(5)
+    shared = evaluate.decode_static(loaded, ids, mask, gen, graph=False, copies=3)
+    torch.manual_seed(5)
+    repeated = evaluate.decode_static(loaded, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), gen,
+                                      graph=False)
+    assert [t for t, _ in shared] == [t for t, _ in repeated]
+    assert [lp for _, lp in shared] == pytest.approx([lp for _, lp in repeated], abs=1e-4)
+    assert len({tuple(t) for t, _ in shared[:3]}) > 1  # the copies are separate draws
+
+
+def test_saved_candidates_keep_log_probabilities_only_when_every_one_has_them():
+    g = evaluate.Generated("b", "b", 1, False, False, False, candidates=("a", "b"), candidate_logprobs=(-1.23456, -0.5),
+                           candidate_tokens=(2, 1))
+    assert evaluate._saved_candidates(g) == {"candidates": ["a", "b"], "candidate_logprobs": [-1.2346, -0.5],
+                                             "candidate_new_tokens": [2, 1]}
+    assert evaluate._saved_candidates(replace(g, candidate_logprobs=(None, None))) == {"candidates": ["a", "b"]}
 
 
 def test_graph_decoding_applies_only_to_plain_greedy_and_sampling(random_lm):
@@ -760,7 +776,7 @@ def test_lcs_lengths_of_every_pair_match_rouge_scores_table():
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.0, 1.0, 0.0), (0.0, 1.0, 2.0)])
 def test_mbr_pick_weighs_the_three_rouges_as_asked(weights):
-    """bench/mbr_rescore.py's other utilities: the weighted mean against rouge-score's scorer over every pair."""
+    """bench/mbr_pool.py's other utilities: the weighted mean against rouge-score's scorer over every pair."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
@@ -839,7 +855,7 @@ def brute_force_pick(texts: list[str], weights, score, copies_once=False, with_s
 
 
 def test_mbr_pick_matches_rouge_score_on_adversarial_candidates():
-    """Every pair's ROUGE-1/2/L F1 is rouge-score's to the bit, and every utility of bench/mbr_rescore.py picks
+    """Every pair's ROUGE-1/2/L F1 is rouge-score's to the bit, and every utility of bench/mbr_pool.py picks
     what rouge-score over all pairs picks. The data makes copies, the self pair and long texts matter: each way
     of getting them wrong changes some picks."""
     from rouge_score import rouge_scorer, scoring
@@ -857,7 +873,7 @@ def test_mbr_pick_matches_rouge_score_on_adversarial_candidates():
         tokens = map(evaluate._rouge_tokenize, (target, prediction))
         return (r1, r2, scoring.Score(0, 0, 0)) if min(map(len, tokens)) > 64 else (r1, r2, rl)
 
-    utilities = load_bench("mbr_rescore").UTILITIES
+    utilities = load_bench("mbr_pool").UTILITIES
     rng = np.random.default_rng(3)
     wrong = {"copies_once": 0, "with_self": 0, "long_pairs": 0}
     for _ in range(40):
@@ -895,6 +911,8 @@ def test_mbr_generation_returns_the_consensus_candidate(random_lm, sample):
         prompts = [every[i] for i in idx]
         for i, prompt, candidates in zip(idx, prompts, evaluate._generate_padded(random_lm, prompts, gen)):
             assert len(candidates) == n
+            assert all(logprob is None for _, logprob in candidates)  # generate decoded these
+            candidates = [c for c, _ in candidates]
             texts = [evaluate._finish(random_lm, c, False).text for c in candidates]
             want[i] = texts[evaluate.mbr_pick(texts)]
             assert picked[i].candidates == tuple(texts)  # every candidate kept, in generation order
@@ -1074,3 +1092,136 @@ def test_popcount_without_numpy_2_counts_the_same_bits(monkeypatch):
     assert (evaluate._popcount(words) == want).all()
     monkeypatch.delattr(np, "bitwise_count", raising=False)
     assert (evaluate._popcount(words) == want).all()
+
+
+def test_mbr_pick_with_evidence_scores_every_candidate_against_every_evidence_text():
+    """generation.mbr_evidence: each candidate's support is its weighted ROUGE F1 summed over all evidence texts
+    (copies count, an identical text counts too), by rouge-score; ties to the earlier candidate."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rng = np.random.default_rng(7)
+    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
+    differs = 0
+    for _ in range(60):
+        texts = [" ".join(rng.choice(vocab, size=rng.integers(1, 9))) for _ in range(rng.integers(2, 6))]
+        evidence = [" ".join(rng.choice(vocab, size=rng.integers(1, 9))) for _ in range(rng.integers(1, 6))]
+        evidence += list(rng.choice(texts, size=rng.integers(0, 3)))  # some evidence equals a candidate
+        for weights in ((1.0, 1.0, 1.0), (0.0, 1.0, 0.0)):
+            def support(t):
+                return sum(sum(w * s.fmeasure for w, s in zip(weights, scorer.score(e, t).values())) for e in evidence)
+
+            values = [support(t) for t in texts]
+            want = next(i for i, v in enumerate(values) if v >= max(values) - 1e-9)
+            assert evaluate.mbr_pick(texts, weights, evidence=evidence) == want
+        differs += evaluate.mbr_pick(texts, evidence=evidence) != evaluate.mbr_pick(texts)
+    assert differs > 5  # the evidence, not the candidates, decided
+    with pytest.raises(ValueError, match="at least one text"):
+        evaluate.mbr_pick(["a", "b"], evidence=[])
+
+
+def test_generate_samples_evidence_at_its_own_temperature(random_lm, monkeypatch):
+    """Candidates at generation.temperature, evidence (mbr_evidence samples) at mbr_evidence_temperature, same
+    batches; each summary is mbr_pick's choice of its candidates against its evidence."""
+    seen = []
+    real = evaluate._generate_padded
+
+    def spy(loaded, prompts, gen):
+        seen.append((len(prompts), gen.temperature, gen.mbr_candidates))
+        return real(loaded, prompts, gen)
+
+    monkeypatch.setattr(evaluate, "_generate_padded", spy)
+    gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.5, mbr_candidates=4, mbr_evidence=3,
+                           mbr_evidence_temperature=1.5, batch_size=3)
+    out = evaluate.generate(random_lm, DIALOGUES, INSTRUCTION, gen)
+    assert seen[:2] == [(3, 0.5, 4), (3, 1.5, 3)] and len(seen) == 2 * -(-len(DIALOGUES) // 3)
+    for g in out:
+        assert len(g.candidates) == 4 and len(g.evidence) == 3
+        assert g.text == g.candidates[evaluate.mbr_pick(list(g.candidates), evidence=g.evidence)]
+    assert GenerationConfig(mbr_candidates=4, mbr_evidence=8).sequences_per_dialogue == 8  # batches fit either
+
+
+def write_eval(path: Path, rows: list[dict]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "metrics.json").write_text(json.dumps({"split": "test", "use_stemmer": True,
+                                                   "generation": {"max_new_tokens": 96}}))
+    return path / "predictions.jsonl"
+
+
+def test_mbr_evidence_bench_reselects_as_eval_would_and_checks_its_inputs(tmp_path, capsys):
+    bench = load_bench("mbr_evidence")
+    rng = np.random.default_rng(4)
+    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
+    cands, evid = [], []
+    for i in range(10):
+        refs = [" ".join(rng.choice(vocab, size=rng.integers(3, 9))) for _ in range(2)]
+        c = [" ".join(rng.choice(vocab, size=rng.integers(2, 9))) for _ in range(6)]
+        e = [" ".join(rng.choice(vocab, size=rng.integers(2, 9))) for _ in range(5)]
+        cands.append({"id": f"d{i}", "references": refs, "candidates": c, "prediction": c[evaluate.mbr_pick(c)],
+                      "candidate_new_tokens": [5] * 6})
+        evid.append({"id": f"d{i}", "references": refs, "candidates": e, "prediction": e[evaluate.mbr_pick(e)]})
+    a, b = write_eval(tmp_path / "a", cands), write_eval(tmp_path / "b", evid)
+    out = tmp_path / "out"
+    bench.main([str(a), str(b), "--out", str(out), "--ks", "3,6", "--js", "2,5", "--write", "6,5", "--samples", "50"])
+    res = json.loads((out / "mbr_evidence.json").read_text())
+    assert res["own_predictions_given_back"] == 10
+    v = {(x["k"], x["j"]): x for x in res["variants"]}
+    refs = [r["references"] for r in cands]
+    for k, j in ((3, 2), (6, 5)):
+        picks = [r["candidates"][:k][evaluate.mbr_pick(r["candidates"][:k], evidence=e["candidates"][:j])]
+                 for r, e in zip(cands, evid)]
+        assert v[k, j]["rouge2"] == pytest.approx(evaluate.rouge(picks, refs).pairs["rouge2"], abs=1e-12)
+    written = read_jsonl(out / "predictions.jsonl")
+    assert [r["prediction"] for r in written] == picks and all(len(r["evidence"]) == 5 for r in written)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["models"]["fine-tuned"]["rougeL"]["mean"] == pytest.approx(v[6, 5]["rougeL"], abs=1e-12)
+    assert metrics["generation"]["mbr_evidence"] == 5 and metrics["models"]["fine-tuned"]["hit_max_new_tokens_share"] == 0
+    # A doctored prediction is caught; files of other dialogues and asking for too many are one-line errors.
+    cands[2]["prediction"] = cands[2]["candidates"][evaluate.mbr_pick(cands[2]["candidates"]) - 1]
+    write_eval(tmp_path / "a", cands)
+    with pytest.raises(SystemExit) as e:
+        bench.main([str(a), str(b), "--out", str(out)] + ["--ks", "6", "--js", "5", "--samples", "20"])
+    assert e.value.code == 1 and "did not give back 1" in capsys.readouterr().err
+    for argv, message in (([str(a), str(tmp_path / "none.jsonl")], "no such file"),
+                          ([str(a), str(b), "--ks", "7"], "hold 6 candidates and 5 evidence"),
+                          ([str(a), str(write_eval(tmp_path / "c", evid[:9]))], "not evals of the same dialogues"),
+                          ([str(a), str(b), "--js", "x"], "--js: give counts")):
+        with pytest.raises(SystemExit) as e:
+            bench.main([*argv, "--out", str(out)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_mbr_logprob_bench_weighs_the_models_probability(tmp_path, capsys):
+    """w = 0 is mbr_pick (and must give back the eval's predictions); a large weight picks the most probable
+    candidate (per token, or summed); an eval without log-probabilities is a one-line error."""
+    bench = load_bench("mbr_logprob")
+    rng = np.random.default_rng(6)
+    vocab = "Tom Mary is are late early for the meeting train bus and will call again".split()
+    rows = []
+    for i in range(8):
+        c = [" ".join(rng.choice(vocab, size=rng.integers(2, 9))) for _ in range(5)]
+        rows.append({"id": f"d{i}", "references": [" ".join(rng.choice(vocab, size=6))], "candidates": c,
+                     "prediction": c[evaluate.mbr_pick(c)], "candidate_logprobs": list(-rng.uniform(1, 30, size=5)),
+                     "candidate_new_tokens": [int(x) for x in rng.integers(2, 20, size=5)]})
+    path = write_eval(tmp_path / "val", rows)
+    out = tmp_path / "out"
+    bench.main([str(path), "--out", str(out), "--weights", "1000", "--sum-weights", "1000", "--samples", "20"])
+    res = json.loads((out / "mbr_logprob_val.json").read_text())
+    assert res["own_predictions_given_back"] == 8
+    refs = [r["references"] for r in rows]
+    for v in res["variants"]:
+        if v["log_probability"] == "none":
+            want = [r["prediction"] for r in rows]
+        else:
+            per_token = v["log_probability"] == "per token"
+            want = [r["candidates"][int(np.argmax([lp / (n + 1) if per_token else lp for lp, n in
+                                                   zip(r["candidate_logprobs"], r["candidate_new_tokens"])]))]
+                    for r in rows]
+        assert v["rouge1"] == pytest.approx(evaluate.rouge(want, refs).pairs["rouge1"], abs=1e-12)
+    for r in rows:
+        del r["candidate_logprobs"]
+    write_eval(tmp_path / "val", rows)
+    with pytest.raises(SystemExit) as e:
+        bench.main([str(path), "--out", str(out)])
+    assert e.value.code == 2 and "no candidate_logprobs" in capsys.readouterr().err

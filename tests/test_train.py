@@ -782,3 +782,44 @@ def test_train_hands_the_padding_mask_setting_to_its_loss(make_config, monkeypat
     cfg.model.trust_remote_code = remote_code
     train(cfg, overwrite=True)
     assert seen == {want}
+
+
+def test_label_smoothing_and_neftune_change_the_training_loss_only(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    """train.label_smoothing: training loss is (1 - e) x CE + e x the mean -log p over the vocabulary, summed over
+    summary tokens; train.neftune_alpha: training embeddings get uniform noise of size alpha / sqrt(L x d) per
+    row. Validation loss (eval mode) is plain cross-entropy with both on."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    gen = torch.Generator().manual_seed(2)
+    batch = train_mod.collate([(torch.randint(3, 60, (n,), generator=gen).tolist(), n // 2) for n in (13, 7, 10)], 0)
+    plain = train_mod.SummaryLoss(model).train()
+    with torch.no_grad():
+        ce = plain(**batch)
+        hidden = model.base_model(input_ids=batch["input_ids"])[0]
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        logp = model.get_output_embeddings()(hidden[:, :-1][keep]).float().log_softmax(-1)
+        uniform = -logp.mean(-1).sum()
+        smoothed = train_mod.SummaryLoss(model, label_smoothing=0.1).train()
+        torch.testing.assert_close(smoothed(**batch), 0.9 * ce + 0.1 * uniform, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(smoothed.eval()(**batch), ce)
+
+        seen = []
+        hook = model.base_model.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("inputs_embeds")),
+                                                          with_kwargs=True)
+        noisy = train_mod.SummaryLoss(model, neftune_alpha=5.0).train()
+        torch.manual_seed(0)
+        loss = noisy(**batch)
+        torch.testing.assert_close(noisy.eval()(**batch), ce)
+        hook.remove()
+        assert seen[1] is None  # eval mode: token ids, no noise
+        noise = seen[0] - model.get_input_embeddings()(batch["input_ids"])
+        d = noise.shape[-1]
+        for row, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+            bound = 5.0 / (n * d) ** 0.5
+            assert noise[row].abs().max() <= bound * (1 + 1e-5) and noise[row].abs().max() > 0.9 * bound
+        assert not torch.isclose(loss, ce)
