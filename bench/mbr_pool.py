@@ -84,8 +84,8 @@ def read_models(specs: list[str]) -> tuple[list[str], list[list[dict]], bool]:
             raw = path.read_bytes()
             text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            fail(f"{name}: {path} is not JSON lines ({e})")
+        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:  # gzip, UTF-8 or JSON damage
+            fail(f"{name}: {path} is not an eval's predictions.jsonl(.gz) ({str(e).splitlines()[0]})")
         metrics = path.parent / "metrics.json"
         stems.add(json.loads(metrics.read_text()).get("use_stemmer", True) if metrics.is_file() else True)
         names.append(name)

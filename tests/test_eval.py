@@ -1065,12 +1065,16 @@ def test_mbr_pool_reproduces_each_eval_caches_and_flags_doctored_predictions(tmp
     assert json.loads((out / "mbr_pool_val.json").read_text())["mismatches"] == {"a": 0, "b": 1, "c": 0}
 
 
-@pytest.mark.parametrize("damage", ["ids", "order", "references", "candidates"])
+@pytest.mark.parametrize("damage", ["ids", "order", "references", "candidates", "gzip", "utf-8"])
 def test_mbr_pool_refuses_evals_of_different_dialogues_in_one_line(tmp_path, capsys, damage):
     bench = load_bench("mbr_pool")
     specs = pool_evals(tmp_path)
     rows = read_jsonl(tmp_path / "c" / "predictions.jsonl")
-    if damage == "ids":
+    if damage in ("gzip", "utf-8"):  # a cut-off download, a file in another encoding
+        broken = tmp_path / "c" / ("predictions.jsonl.gz" if damage == "gzip" else "predictions.jsonl")
+        broken.write_bytes(b"\x1f\x8b\x08\x00cut" if damage == "gzip" else b'{"id": "caf\xe9"}\n')
+        specs = [s if not s.startswith("c=") else f"c={broken}" for s in specs]
+    elif damage == "ids":
         rows[1]["id"] = "other"
     elif damage == "order":
         rows[0], rows[1] = rows[1], rows[0]
@@ -1078,7 +1082,8 @@ def test_mbr_pool_refuses_evals_of_different_dialogues_in_one_line(tmp_path, cap
         rows[3]["references"] = ["another summary"]
     else:
         del rows[0]["candidates"]
-    (tmp_path / "c" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if damage not in ("gzip", "utf-8"):
+        (tmp_path / "c" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--out", str(tmp_path / "out"), "--label", "val", "--workers", "1", *specs])
     err = capsys.readouterr().err.strip().splitlines()
