@@ -14,8 +14,10 @@ their own evidence, which must give back its predictions, else exit 1) and the s
 it (pairs, stemming per the first file's metrics.json), differences from the first file's own choice with a
 paired bootstrap 95% interval over dialogues. The samples of a one-call eval with mbr_evidence are other draws
 (candidates and evidence come from one seeded stream there), so an eval with the same settings differs within
-noise. --write K,J also writes that variant as eval would: DIR/predictions.jsonl (with candidates and evidence)
-and DIR/metrics.json. Cost: ~1-2 min per variant for 500 dialogues on the 2-core dev machine.
+noise. Both evals sampled from seed 0 in the same batches, so candidate i and evidence sample i share their random
+numbers (their first words agree more often than other pairs'); a one-call eval's evidence comes later in the
+stream, independent. --write K,J also writes that variant: DIR/predictions.jsonl (with candidates and evidence)
+and DIR/metrics.json (the candidates eval's, with this selection's scores; run-on per candidate is not known). Cost: ~1-2 min per variant for 500 dialogues on the 2-core dev machine.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if write and len(write) != 2:
         fail(f"--write: give K,J (got {args.write!r})")
     rows, meta = read(args.candidates)
-    evid, _ = read(args.evidence)
+    evid, evid_meta = read(args.evidence)
     if [r["id"] for r in rows] != [r["id"] for r in evid] or [r["references"] for r in rows] != [
             r["references"] for r in evid]:
         fail("the two files are not evals of the same dialogues in the same order with the same references")
@@ -140,26 +142,37 @@ def main(argv: list[str] | None = None) -> None:
                      f"| {v['vs_own']['rouge2']:+.4f} | {v['vs_own']['rougeL']:+.4f} |")
     (args.out / "mbr_evidence.md").write_text("\n".join(lines) + "\n")
     if write:
-        result = chosen["result"]
-        ci = evaluate.bootstrap_ci(result, 1000)
-        new_tokens = [r.get("candidate_new_tokens") for r in rows]
-        model = {m: {"mean": result.pairs[m], "ci95": ci[m]} for m in evaluate.METRICS}
-        texts = [r["candidates"][p] for r, p in zip(rows, chosen["pick"])]
+        # eval's metrics.json (the candidates eval's, so push and readers find every field) with this selection's
+        # scores; seconds and throughput are left out (no eval ran), run-on is not known per candidate.
+        result, pick = chosen["result"], chosen["pick"]
+        ci = evaluate.bootstrap_ci(result, meta.get("bootstrap_samples", 1000) or 1000)
+        texts = [r["candidates"][p] for r, p in zip(rows, pick)]
+        model = {k: v for k, v in meta.get("models", {}).get("fine-tuned", {}).items()
+                 if k not in ("seconds", "dialogues_per_second", "run_on_share")}
+        model.update({m: {"mean": result.pairs[m], "ci95": ci[m]} for m in evaluate.METRICS})
         model.update(first_reference=result.first, mean_words=float(np.mean([evaluate.words(t) for t in texts])),
-                     reference_mean_words=float(np.mean([evaluate.words(x) for rs in refs for x in rs])))
-        if all(new_tokens):
-            limit = meta.get("generation", {}).get("max_new_tokens", 96)
-            model["hit_max_new_tokens_share"] = float(np.mean([t[p] >= limit for t, p in zip(new_tokens, chosen["pick"])]))
-        metrics = {"split": meta.get("split"), "n_dialogues": len(rows), "n_pairs": int(counts.sum()),
-                   "use_stemmer": stem, "selection": f"first {write[0]} candidates of {args.candidates} against the "
-                   f"first {write[1]} samples of {args.evidence} (bench/mbr_evidence.py)",
-                   "generation": {**meta.get("generation", {}), "mbr_candidates": write[0], "mbr_evidence": write[1]},
+                     reference_mean_words=float(np.mean([evaluate.words(x) for rs in refs for x in rs])),
+                     run_on_share=None)
+        new_tokens = [r.get("candidate_new_tokens") for r in rows]
+        limit = meta.get("generation", {}).get("max_new_tokens", 96)
+        model["hit_max_new_tokens_share"] = (float(np.mean([t[p] >= limit for t, p in zip(new_tokens, pick)]))
+                                             if all(new_tokens) else None)
+        evidence_temperature = evid_meta.get("generation", {}).get("temperature")
+        metrics = {**meta, "n_dialogues": len(rows), "n_pairs": int(counts.sum()), "use_stemmer": stem,
+                   "selection": f"first {write[0]} candidates of {args.candidates} against the first {write[1]} "
+                                f"samples of {args.evidence} (bench/mbr_evidence.py, on the CPU)",
+                   "generation": {**meta.get("generation", {}), "mbr_candidates": write[0], "mbr_evidence": write[1],
+                                  "mbr_evidence_temperature": evidence_temperature},
                    "models": {"fine-tuned": model}}
+        metrics.setdefault("protocol", "mean over dialogue-reference pairs")
+        metrics.setdefault("bootstrap_samples", 1000)
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         with (args.out / "predictions.jsonl").open("w") as f:
-            for r, e, p in zip(rows, evid, chosen["pick"]):
+            for r, e, p in zip(rows, evid, pick):
+                n = r.get("candidate_new_tokens")
                 f.write(json.dumps({"id": r["id"], "dialogue": r.get("dialogue"), "references": r["references"],
-                                    "prediction": r["candidates"][p], "candidates": r["candidates"][: write[0]],
+                                    "prediction": r["candidates"][p], **({"new_tokens": n[p]} if n else {}),
+                                    "candidates": r["candidates"][: write[0]],
                                     "evidence": e["candidates"][: write[1]]}) + "\n")
     if mismatches:
         print(f"error: the candidates' own MBR did not give back {mismatches} of the file's {len(rows)} predictions "

@@ -7,7 +7,7 @@ The eval must have sampled through phi2sum's CUDA-graph loop, which saves each c
 (`candidate_logprobs`, temperature 1, stop token included) and new-token count. Per dialogue the pick is the
 candidate with the highest support + w x log-probability, support being the mean ROUGE-1/2/L F1 against the other
 candidates (mbr_pick's, averaged; w = 0 is the eval's own rule and must give back its predictions, else exit 1), the
-log-probability per token (its count + 1 for the stop token) or summed (favours short candidates). ROUGE as eval
+log-probability per token (its count, + 1 for the stop token unless it hit max_new_tokens) or summed (favours short candidates). ROUGE as eval
 reports it; differences from w = 0 with a paired bootstrap 95% interval over dialogues. Writes
 DIR/mbr_logprob_<file's folder>.json and .md. Cost: ~1 min for 500 dialogues x 64 on the 2-core dev machine.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from mbr_evidence import MAIN, fail, read  # noqa: E402
 
 from phi2sum import evaluate  # noqa: E402
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
              "loop, with eval.save_candidates: true, saves them)")
     weights = [("per token", w) for w in floats(args.weights, "--weights")]
     weights += [("sum", w) for w in floats(args.sum_weights, "--sum-weights")]
+    limit = meta.get("generation", {}).get("max_new_tokens", 96)
     refs = [r["references"] for r in rows]
     counts = np.array([len(x) for x in refs], dtype=float)
     support = [supports(r["candidates"]) for r in rows]
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         texts = []
         for r, s in zip(rows, support):
             lp = np.array(r["candidate_logprobs"])
-            feature = lp / (np.array(r["candidate_new_tokens"]) + 1) if kind == "per token" else lp
+            # the stop token's log-probability is in the sum unless the sample ran to max_new_tokens
+            n = np.array(r["candidate_new_tokens"])
+            feature = lp / (n + (n < limit)) if kind == "per token" else lp
             score = s + w * feature if kind != "none" else s
             texts.append(r["candidates"][int(np.flatnonzero(score >= score.max() - 1e-9)[0])])
         if kind == "none":

@@ -246,7 +246,8 @@ class GenerationConfig(_Section):
     own evidence). The candidates come from the sharpened distribution (temperature), the evidence from the
     model's own (temperature 1): MBR's expected agreement is an expectation over the model's summaries, and
     samples at 0.5 over-count its most likely wording. SmolLM2 on DialogSum, 64 candidates at 0.5: validation
-    mean ROUGE-1/2/L 0.3890 -> 0.4032 with 64 samples at 1.0 as evidence (docs/RESULTS.md). Costs the
+    mean ROUGE-1/2/L 0.3890 -> 0.4032 with 64 samples at 1.0 as evidence (one adapter's saved samples
+    re-selected on the CPU, docs/RESULTS.md). Costs the
     evidence's sampling time (64 + 64 samples: about twice 64 alone, expected, not yet timed)."""
     mbr_evidence_temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the MBR evidence (top_k and top_p as for the candidates)."""

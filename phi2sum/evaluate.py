@@ -172,7 +172,7 @@ def _generate_batches(loaded: Loaded, prompts: list, gen: GenerationConfig, on_b
                 raise Phi2sumError(
                     f"out of GPU memory generating one dialogue of {width}+{gen.max_new_tokens} tokens x "
                     f"{gen.sequences_per_dialogue} sequence(s): lower generation.max_input_tokens, "
-                    f"generation.num_beams or generation.mbr_candidates") from None
+                    f"generation.num_beams, generation.mbr_candidates or generation.mbr_evidence") from None
             new_tokens = None
         if new_tokens is None:  # outside the except block, so the failed batch's tensors are freed first
             if loaded.hardware.device.type == "cuda":
@@ -323,7 +323,8 @@ def mbr_pick(texts: list[str], weights: tuple[float, float, float] = (1.0, 1.0, 
     """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
     ROUGE-1/2/L F1 (Porter-stemmed, eval's default; `weights` weighs the three, for bench/mbr_pool.py's
     comparisons) against the evidence: all the other candidates, or with `evidence` (generation.mbr_evidence)
-    those texts, every one of them (copies count; a candidate equal to an evidence text scores 1 against it).
+    those texts, every one of them (copies count; a candidate equal to an evidence text gets its self-score, 1
+unless it is one word or empty).
     Ties go to the earlier candidate (the better beam; supports within 1e-9 are ties). Texts repeat (beams
     rarely, samples of a confident model more often), so each distinct text is tokenized and compared once and
     weighted by its copies: the choice of comparing all pairs, for the cost of the distinct ones. The pairs are
@@ -391,11 +392,11 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]],
 
 
 def decode_candidates(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
-                      graph: bool) -> list[list[tuple[list[int], float]]]:
+                      graph: bool) -> list[list[tuple[list[int], float | None]]]:
     """decode_static for a batch of prompts, grouped per prompt: one sequence each, or with MBR sampling its
     mbr_candidates samples (each prompt's cache copied to that many rows of its own after one prefill)."""
     per = gen.mbr_candidates or 1  # only sampling reaches here with candidates (beams go to generate)
-    rows = decode_static(loaded, input_ids, attention, gen, graph, copies=per)
+    rows = decode_static(loaded, input_ids, attention, gen, graph, copies=per, logprobs=bool(gen.mbr_candidates))
     return [rows[k : k + per] for k in range(0, len(rows), per)]
 
 
@@ -451,13 +452,14 @@ def sample_token(logits: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
 
 
 def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
-                  graph: bool, copies: int = 1) -> list[tuple[list[int], float]]:
+                  graph: bool, copies: int = 1, logprobs: bool = True) -> list[tuple[list[int], float | None]]:
     """Greedy decoding or sampling (gen.do_sample) of one left-padded batch with a static KV cache; with
     `graph` (CUDA) the decoding step is captured once as a CUDA graph and replayed for every token. With
     `copies` > 1 each prompt is decoded that many times (MBR's samples): its prompt runs through the model once
     and its cache rows are copied, instead of prefilling the same prompt `copies` times. Returns, per output row
     (prompt r's copies at rows r * copies ...), the new tokens and the sum of their log-probabilities under
-    the model (temperature 1, before any top-k/top-p), up to and including the stop token.
+    the model (temperature 1, before any top-k/top-p), up to and including the stop token (None without
+    `logprobs`: a vocabulary-wide log-softmax per token that only MBR's saved candidates use).
 
     Why not generate(): for a small model its per-token Python and kernel launches, not the GPU, set the
     pace (SmolLM2-135M, 500 dialogues: ~0.1 s per token whatever the batch size). A captured step replays
@@ -496,6 +498,9 @@ def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
         # activation memory that capped MBR batches.
         expand = torch.arange(prompts, device=device).repeat_interleave(copies)
         cache.reorder_cache(expand)
+        for layer in cache.layers:  # reorder_cache replaces the tensors but not the recorded batch size
+            if hasattr(layer, "batch_size"):
+                layer.batch_size = rows
         logits, real, pad = logits[expand], real[expand], pad[expand]
     pick = functools.partial(sample_token, gen=gen) if gen.do_sample else (lambda scores: scores.argmax(-1))
     first = pick(logits)
@@ -503,7 +508,8 @@ def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
     tokens = torch.full((rows, gen.max_new_tokens), loaded.tokenizer.pad_token_id, dtype=torch.long, device=device)
     tokens[:, 0] = first
     # Log-probabilities of the chosen tokens, summed while a row has not stopped (its stop token counts).
-    logprob = logits.float().log_softmax(-1).gather(-1, first[:, None]).squeeze(-1)
+    logprob = (logits.float().log_softmax(-1).gather(-1, first[:, None]).squeeze(-1) if logprobs
+               else torch.zeros(rows, device=device))
     done = (first[:, None] == stops).any(1)
     del logits
 
@@ -519,8 +525,9 @@ def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
         scores = model(input_ids=current, attention_mask=step_mask, position_ids=position, use_cache=True,
                        **{cache_arg: cache}).logits[:, -1]
         nxt = pick(scores)
-        chosen = scores.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
-        logprob.add_(chosen.masked_fill_(done, 0.0))
+        if logprobs:
+            chosen = scores.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+            logprob.add_(chosen.masked_fill_(done, 0.0))
         tokens.index_copy_(1, out_col, nxt[:, None])
         done.logical_or_((nxt[:, None] == stops).any(1))
         current.copy_(nxt[:, None])
@@ -553,7 +560,7 @@ def decode_static(loaded: Loaded, input_ids: torch.Tensor, attention: torch.Tens
         if k % 8 == 0 and bool(done.all()):  # one host sync every 8 tokens
             break
         run()
-    return list(zip(tokens.cpu().tolist(), logprob.cpu().tolist()))
+    return list(zip(tokens.cpu().tolist(), logprob.cpu().tolist() if logprobs else [None] * rows))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -687,6 +687,8 @@ def test_static_loop_log_probabilities_are_the_models(lm, request):
     torch.manual_seed(0)
     rows = evaluate.decode_static(stopping, ids, mask, gen, graph=False)
     assert [t for t, _ in rows] == [t for t, _ in free]  # the same draws; only where the sums end differs
+    torch.manual_seed(0)  # without log-probabilities (greedy evals): the same tokens, None for the sums
+    assert evaluate.decode_static(stopping, ids, mask, gen, graph=False, logprobs=False) == [(t, None) for t, _ in rows]
     ended = 0
     for prompt, m, (tokens, logprob) in zip(ids, mask, rows):
         kept = tokens[: tokens.index(stop) + 1] if stop in tokens else tokens
