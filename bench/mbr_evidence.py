@@ -23,33 +23,22 @@ and DIR/metrics.json (the candidates eval's, with this selection's scores; run-o
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from mbr_pool import fail, read_rows  # noqa: E402
+
 from phi2sum import evaluate  # noqa: E402
 
 MAIN = ("rouge1", "rouge2", "rougeL")
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def read(path: Path) -> tuple[list[dict], dict]:
-    if not path.is_file():
-        fail(f"no such file {path}")
-    try:
-        raw = path.read_bytes()
-        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"{path} is not an eval's predictions.jsonl(.gz): {str(e).splitlines()[0]}")
+    rows = read_rows(path)
     if not rows or not all(r.get("candidates") and "references" in r and "id" in r for r in rows):
         fail(f"{path}: rows without candidates (eval with generation.mbr_candidates >= 2 and "
              "eval.save_candidates: true)")

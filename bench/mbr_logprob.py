@@ -28,16 +28,9 @@ from phi2sum import evaluate  # noqa: E402
 
 
 def supports(texts: list[str]) -> np.ndarray:
-    """Each candidate's mean ROUGE-1/2/L F1 against the other candidates: mbr_pick's sum (same order, same floats)
-    over the n - 1 others, so that w weighs a log-probability against an F1."""
-    distinct = list(dict.fromkeys(texts))
-    which = [distinct.index(t) for t in texts]
-    copies = np.bincount(which, minlength=len(distinct))
-    tokens = [evaluate._rouge_tokenize(t) for t in distinct]
-    pair = evaluate.pair_f1(np.array([len(t) for t in tokens]), *evaluate.pair_overlaps(tokens)).sum(0) / 3
-    terms = pair * copies
-    np.fill_diagonal(terms, (copies - 1) * pair.diagonal())
-    return np.cumsum(terms, axis=1)[:, -1][which] / max(1, len(texts) - 1)
+    """Each candidate's mean ROUGE-1/2/L F1 against the other candidates: mbr_pick's supports over the n - 1
+    others, so that w weighs a log-probability against an F1."""
+    return evaluate.mbr_supports(texts) / max(1, len(texts) - 1)
 
 
 def floats(text: str, name: str) -> list[float]:

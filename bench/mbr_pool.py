@@ -67,6 +67,19 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def read_rows(path: Path, label: str = "") -> list[dict]:
+    """An eval's predictions.jsonl, or the same gzipped (committed results keep candidates so), as rows; a missing,
+    cut-off, non-UTF-8 or non-JSON file is one clear error, prefixed with `label`."""
+    if not path.is_file():
+        fail(f"{label}no such file {path}")
+    try:
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:  # gzip, UTF-8 or JSON damage
+        fail(f"{label}{path} is not an eval's predictions.jsonl(.gz) ({str(e).splitlines()[0]})")
+
+
 def read_models(specs: list[str]) -> tuple[list[str], list[list[dict]], bool]:
     """NAME=predictions.jsonl arguments -> names, rows per model, use_stemmer; every mismatch is one clear error."""
     names, files, stems = [], [], set()
@@ -77,15 +90,7 @@ def read_models(specs: list[str]) -> tuple[list[str], list[list[dict]], bool]:
         if name in names:
             fail(f"model name {name!r} given twice")
         path = Path(path)
-        if not path.is_file():
-            fail(f"{name}: no such file {path}")
-        try:
-            # Committed results keep candidates gzipped (bench/results/session8): read either.
-            raw = path.read_bytes()
-            text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:  # gzip, UTF-8 or JSON damage
-            fail(f"{name}: {path} is not an eval's predictions.jsonl(.gz) ({str(e).splitlines()[0]})")
+        rows = read_rows(path, f"{name}: ")
         metrics = path.parent / "metrics.json"
         stems.add(json.loads(metrics.read_text()).get("use_stemmer", True) if metrics.is_file() else True)
         names.append(name)

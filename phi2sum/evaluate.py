@@ -320,16 +320,23 @@ def pair_f1(lengths: np.ndarray, unigrams: np.ndarray, bigrams: np.ndarray, lcs:
 
 def mbr_pick(texts: list[str], weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
              evidence: list[str] | tuple[str, ...] | None = None) -> int:
-    """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mean
-    ROUGE-1/2/L F1 (Porter-stemmed, eval's default; `weights` weighs the three, for bench/mbr_pool.py's
-    comparisons) against the evidence: all the other candidates, or with `evidence` (generation.mbr_evidence)
-    those texts, every one of them (copies count; a candidate equal to an evidence text gets its self-score, 1
-unless it is one word or empty).
-    Ties go to the earlier candidate (the better beam; supports within 1e-9 are ties). Texts repeat (beams
-    rarely, samples of a confident model more often), so each distinct text is tokenized and compared once and
-    weighted by its copies: the choice of comparing all pairs, for the cost of the distinct ones. The pairs are
-    scored as matrices (pair_overlaps, pair_f1): a Python loop over 64 samples' ~2,000 pairs kept the GPU
-    waiting for ~1/5 of an eval."""
+    """Minimum-Bayes-risk choice among candidate summaries: the index of the one with the highest mbr_supports;
+    ties go to the earlier candidate (the better beam; supports within 1e-9 are ties)."""
+    support = mbr_supports(texts, weights, evidence)
+    # Equal supports summed in different orders can differ in the last bit: within 1e-9 is a tie.
+    return int(np.flatnonzero(support >= support.max() - 1e-9)[0])
+
+
+def mbr_supports(texts: list[str], weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 evidence: list[str] | tuple[str, ...] | None = None) -> np.ndarray:
+    """Each candidate's summed weighted-mean ROUGE-1/2/L F1 (Porter-stemmed, eval's default; `weights` weighs the
+    three, for bench/mbr_pool.py's comparisons) against the evidence: all the other candidates, or with
+    `evidence` (generation.mbr_evidence) those texts, every one of them (copies count; a candidate equal to an
+    evidence text gets its self-score, 1 unless it is one word or empty). Texts repeat (beams rarely, samples of
+    a confident model more often), so each distinct text is tokenized and compared once and weighted by its
+    copies: the choice of comparing all pairs, for the cost of the distinct ones. The pairs are scored as
+    matrices (pair_overlaps, pair_f1): a Python loop over 64 samples' ~2,000 pairs kept the GPU waiting for
+    ~1/5 of an eval."""
     if not (len(weights) == 3 and all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0):
         raise ValueError(f"mbr_pick weights must be three finite values >= 0, not all 0; got {weights}")
     if evidence is not None and not evidence:
@@ -349,10 +356,7 @@ unless it is one word or empty).
         np.fill_diagonal(terms, (copies - 1) * pair.diagonal())
     # Summed left to right (cumsum is sequential; sum is not), in the order a loop over the pairs adds them:
     # the same floats as the pairwise mbr_pick that chose earlier evals' predictions, so those reproduce exactly.
-    support = np.cumsum(terms, axis=1)[:, -1]
-    per_candidate = support[[which[t] for t in texts]]
-    # Equal supports summed in different orders can differ in the last bit: within 1e-9 is a tie.
-    return int(np.flatnonzero(per_candidate >= per_candidate.max() - 1e-9)[0])
+    return np.cumsum(terms, axis=1)[:, -1][[which[t] for t in texts]]
 
 
 def _generate_padded(loaded: Loaded, prompts: list[list[int]],
