@@ -5,6 +5,10 @@
         --set generation.temperature=1.0 --out RUN/eval-t10
     python3 bench/mbr_evidence.py RUN/eval-t05/predictions.jsonl RUN/eval-t10/predictions.jsonl --out DIR \\
         [--ks 16,32,64] [--js 8,16,32,64] [--write 64,64]
+    python3 bench/mbr_evidence.py RUN/eval/predictions.jsonl --out DIR     # one eval with generation.mbr_evidence
+
+With one file (an eval with generation.mbr_evidence and eval.save_candidates), the evidence is each row's saved
+`evidence`, and the full k x j variant must give back the file's predictions (else exit 1).
 
 Both files are evals of one split (same ids, references; .jsonl or .jsonl.gz) with saved candidates. For each k
 in --ks and j in --js, every dialogue's summary is the candidate among the first k of the first file with the
@@ -59,7 +63,9 @@ def ints(text: str, name: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("candidates", type=Path, help="predictions.jsonl(.gz) whose candidates are chosen from")
-    ap.add_argument("evidence", type=Path, help="predictions.jsonl(.gz) whose candidates are the evidence")
+    ap.add_argument("evidence", type=Path, nargs="?",
+                    help="predictions.jsonl(.gz) whose candidates are the evidence (default: the first file's saved "
+                         "evidence)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ks", default="64", help="candidates: the first k of the first file's")
     ap.add_argument("--js", default="64", help="evidence: the first j of the second file's")
@@ -71,7 +77,15 @@ def main(argv: list[str] | None = None) -> None:
     if write and len(write) != 2:
         fail(f"--write: give K,J (got {args.write!r})")
     rows, meta = read(args.candidates)
-    evid, evid_meta = read(args.evidence)
+    if args.evidence is None:
+        if not all(r.get("evidence") for r in rows):
+            fail(f"{args.candidates}: rows without evidence (eval with generation.mbr_evidence >= 1 and "
+                 "eval.save_candidates: true), or name the evidence file")
+        evid = [{**r, "candidates": r["evidence"]} for r in rows]
+        gen = meta.get("generation", {})
+        evid_meta = {**meta, "generation": {**gen, "temperature": gen.get("mbr_evidence_temperature")}}
+    else:
+        evid, evid_meta = read(args.evidence)
     if [r["id"] for r in rows] != [r["id"] for r in evid] or [r["references"] for r in rows] != [
             r["references"] for r in evid]:
         fail("the two files are not evals of the same dialogues in the same order with the same references")
@@ -93,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         return result, np.stack([result.per_dialogue_sum[m] for m in MAIN])
 
     own = picks(n_cand, None)
-    mismatches = sum(r["candidates"][p] != r["prediction"] for r, p in zip(rows, own))
+    # The file's predictions must come back: from its own rule, or (one file with evidence) from the full k x j.
+    given = own if args.evidence else picks(n_cand, n_evid)
+    mismatches = sum(r["candidates"][p] != r["prediction"] for r, p in zip(rows, given))
     base_result, base = scored([r["candidates"][p] for r, p in zip(rows, own)])
     variants = [("candidates' own MBR", n_cand, None, rows), ("evidence file's own MBR", n_evid, None, evid)]
     variants += [(f"first {k} candidates vs first {j} evidence", k, j, rows) for k in ks for j in js]
@@ -114,11 +130,11 @@ def main(argv: list[str] | None = None) -> None:
         if write and (k, j) == tuple(write):
             chosen = {"pick": pick, "result": result}
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"candidates_file": str(args.candidates), "evidence_file": str(args.evidence), "dialogues": len(rows),
+    summary = {"candidates_file": str(args.candidates), "evidence_file": str(args.evidence or args.candidates), "dialogues": len(rows),
                "pairs": int(counts.sum()), "use_stemmer": stem, "own_predictions_given_back": len(rows) - mismatches,
                "variants": out}
     (args.out / "mbr_evidence.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"# MBR with separate evidence: {args.candidates} vs {args.evidence}", "",
+    lines = [f"# MBR with separate evidence: {args.candidates} vs {args.evidence or 'its saved evidence'}", "",
              f"{len(rows)} dialogues, {int(counts.sum())} pairs; Δ: minus the candidates' own MBR (paired bootstrap "
              "95% interval over dialogues).", "",
              "| variant | R1 | R2 | RL | RLsum | mean | words | Δmean [95%] | ΔR1 | ΔR2 | ΔRL |",
@@ -164,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                                     "candidates": r["candidates"][: write[0]],
                                     "evidence": e["candidates"][: write[1]]}) + "\n")
     if mismatches:
-        print(f"error: the candidates' own MBR did not give back {mismatches} of the file's {len(rows)} predictions "
-              "(not the candidates eval chose from)", file=sys.stderr)
+        rule = "candidates' own MBR" if args.evidence else "MBR against the saved evidence"
+        print(f"error: the {rule} did not give back {mismatches} of the file's {len(rows)} predictions "
+              "(not the eval's selection)", file=sys.stderr)
         raise SystemExit(1)
 
 

@@ -1197,6 +1197,26 @@ def test_mbr_evidence_bench_reselects_as_eval_would_and_checks_its_inputs(tmp_pa
         with pytest.raises(SystemExit) as e:
             bench.main([*argv, "--out", str(out)])
         assert e.value.code == 2 and message in capsys.readouterr().err
+    # One file, as a one-call eval with generation.mbr_evidence writes it: the evidence is each row's saved
+    # `evidence`, and the full k x j must give back its predictions (the own rule need not).
+    one = [{**r, "evidence": e["candidates"]} for r, e in zip(cands, evid)]
+    for r in one:
+        r["prediction"] = r["candidates"][evaluate.mbr_pick(r["candidates"], evidence=r["evidence"])]
+    single = write_eval(tmp_path / "one", one)
+    bench.main([str(single), "--out", str(tmp_path / "out1"), "--ks", "6", "--js", "2,5", "--samples", "20"])
+    res = json.loads((tmp_path / "out1" / "mbr_evidence.json").read_text())
+    assert res["own_predictions_given_back"] == 10
+    full = next(x for x in res["variants"] if (x["k"], x["j"]) == (6, 5))
+    assert full["rouge2"] == pytest.approx(v[6, 5]["rouge2"], abs=1e-12)
+    one[4]["prediction"] = one[4]["candidates"][evaluate.mbr_pick(one[4]["candidates"], evidence=one[4]["evidence"])
+                                                - 1]
+    write_eval(tmp_path / "one", one)
+    with pytest.raises(SystemExit) as e:
+        bench.main([str(single), "--out", str(tmp_path / "out1"), "--ks", "6", "--js", "5", "--samples", "20"])
+    assert e.value.code == 1 and "against the saved evidence did not give back 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main([str(a), "--out", str(out)])
+    assert e.value.code == 2 and "rows without evidence" in capsys.readouterr().err
 
 
 def test_mbr_logprob_bench_weighs_the_models_probability(tmp_path, capsys):
