@@ -109,13 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     own = picks(n_cand, None)
     # The file's predictions must come back: from its own rule, or (one file with evidence) from the full k x j.
     given = own if args.evidence else picks(n_cand, n_evid)
+    checked_by = "candidates' own MBR" if args.evidence else f"{n_cand} candidates vs {n_evid} saved evidence"
     mismatches = sum(r["candidates"][p] != r["prediction"] for r, p in zip(rows, given))
     base_result, base = scored([r["candidates"][p] for r, p in zip(rows, own)])
     variants = [("candidates' own MBR", n_cand, None, rows), ("evidence file's own MBR", n_evid, None, evid)]
     variants += [(f"first {k} candidates vs first {j} evidence", k, j, rows) for k in ks for j in js]
     out, chosen = [], {}
     for name, k, j, source in variants:
-        pick = own if source is rows and j is None else picks(k, j, source)
+        pick = own if source is rows and j is None else given if (
+            args.evidence is None and source is rows and (k, j) == (n_cand, n_evid)) else picks(k, j, source)
         texts = [r["candidates"][p] for r, p in zip(source, pick)]
         result, sums = scored(texts)
         diff = np.vstack([sums - base, (sums - base).mean(0)])
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"candidates_file": str(args.candidates), "evidence_file": str(args.evidence or args.candidates), "dialogues": len(rows),
                "pairs": int(counts.sum()), "use_stemmer": stem, "own_predictions_given_back": len(rows) - mismatches,
+               "given_back_by": checked_by,
                "variants": out}
     (args.out / "mbr_evidence.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# MBR with separate evidence: {args.candidates} vs {args.evidence or 'its saved evidence'}", "",
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         evidence_temperature = evid_meta.get("generation", {}).get("temperature")
         metrics = {**meta, "n_dialogues": len(rows), "n_pairs": int(counts.sum()), "use_stemmer": stem,
                    "selection": f"first {write[0]} candidates of {args.candidates} against the first {write[1]} "
-                                f"samples of {args.evidence} (bench/mbr_evidence.py, on the CPU)",
+                                f"samples of {args.evidence or 'its saved evidence'} "
+                                "(bench/mbr_evidence.py, on the CPU)",
                    "generation": {**meta.get("generation", {}), "mbr_candidates": write[0], "mbr_evidence": write[1],
                                   "mbr_evidence_temperature": evidence_temperature},
                    "models": {"fine-tuned": model}}

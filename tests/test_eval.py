@@ -1206,8 +1206,14 @@ def test_mbr_evidence_bench_reselects_as_eval_would_and_checks_its_inputs(tmp_pa
     bench.main([str(single), "--out", str(tmp_path / "out1"), "--ks", "6", "--js", "2,5", "--samples", "20"])
     res = json.loads((tmp_path / "out1" / "mbr_evidence.json").read_text())
     assert res["own_predictions_given_back"] == 10
-    full = next(x for x in res["variants"] if (x["k"], x["j"]) == (6, 5))
-    assert full["rouge2"] == pytest.approx(v[6, 5]["rouge2"], abs=1e-12)
+    full = {(x["k"], x["j"]): x for x in res["variants"]}
+    assert full[6, 5]["rouge2"] == pytest.approx(v[6, 5]["rouge2"], abs=1e-12)
+    two = [r["candidates"][evaluate.mbr_pick(r["candidates"], evidence=r["evidence"][:2])] for r in one]
+    assert full[6, 2]["rouge2"] == pytest.approx(evaluate.rouge(two, refs).pairs["rouge2"], abs=1e-12)
+    bench.main([str(single), "--out", str(tmp_path / "out1"), "--ks", "6", "--js", "2", "--write", "6,2",
+                "--samples", "20"])
+    assert [r["prediction"] for r in read_jsonl(tmp_path / "out1" / "predictions.jsonl")] == two
+    assert "its saved evidence" in json.loads((tmp_path / "out1" / "metrics.json").read_text())["selection"]
     one[4]["prediction"] = one[4]["candidates"][evaluate.mbr_pick(one[4]["candidates"], evidence=one[4]["evidence"])
                                                 - 1]
     write_eval(tmp_path / "one", one)
