@@ -97,10 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     counts = np.array([len(x) for x in refs], dtype=float)
     draws = np.random.default_rng(0).integers(0, len(rows), size=(args.samples, len(rows)))
 
+    done: dict[tuple, list[int]] = {}  # a selection the check below made is not made again in the variants
+
     def picks(k: int | None, j: int | None, source: list[dict] = rows) -> list[int]:
-        if j is None:  # the file's own rule: its candidates as their own evidence
-            return [evaluate.mbr_pick(r["candidates"][:k]) for r in source]
-        return [evaluate.mbr_pick(r["candidates"][:k], evidence=e["candidates"][:j]) for r, e in zip(source, evid)]
+        key = (k, j, source is rows)
+        if key not in done:
+            done[key] = ([evaluate.mbr_pick(r["candidates"][:k]) for r in source] if j is None  # own evidence
+                         else [evaluate.mbr_pick(r["candidates"][:k], evidence=e["candidates"][:j])
+                               for r, e in zip(source, evid)])
+        return done[key]
 
     def scored(texts: list[str]) -> tuple[evaluate.RougeResult, np.ndarray]:
         result = evaluate.rouge(texts, refs, stem)
@@ -109,15 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     own = picks(n_cand, None)
     # The file's predictions must come back: from its own rule, or (one file with evidence) from the full k x j.
     given = own if args.evidence else picks(n_cand, n_evid)
-    checked_by = "candidates' own MBR" if args.evidence else f"{n_cand} candidates vs {n_evid} saved evidence"
+    rule = "candidates' own MBR" if args.evidence else "MBR against the saved evidence"
     mismatches = sum(r["candidates"][p] != r["prediction"] for r, p in zip(rows, given))
     base_result, base = scored([r["candidates"][p] for r, p in zip(rows, own)])
     variants = [("candidates' own MBR", n_cand, None, rows), ("evidence file's own MBR", n_evid, None, evid)]
     variants += [(f"first {k} candidates vs first {j} evidence", k, j, rows) for k in ks for j in js]
     out, chosen = [], {}
     for name, k, j, source in variants:
-        pick = own if source is rows and j is None else given if (
-            args.evidence is None and source is rows and (k, j) == (n_cand, n_evid)) else picks(k, j, source)
+        pick = picks(k, j, source)
         texts = [r["candidates"][p] for r, p in zip(source, pick)]
         result, sums = scored(texts)
         diff = np.vstack([sums - base, (sums - base).mean(0)])
@@ -132,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         if write and (k, j) == tuple(write):
             chosen = {"pick": pick, "result": result}
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"candidates_file": str(args.candidates), "evidence_file": str(args.evidence or args.candidates), "dialogues": len(rows),
-               "pairs": int(counts.sum()), "use_stemmer": stem, "own_predictions_given_back": len(rows) - mismatches,
-               "given_back_by": checked_by,
+    summary = {"candidates_file": str(args.candidates), "evidence_file": str(args.evidence or args.candidates),
+               "dialogues": len(rows), "pairs": int(counts.sum()), "use_stemmer": stem,
+               "own_predictions_given_back": len(rows) - mismatches, "given_back_by": rule,
                "variants": out}
     (args.out / "mbr_evidence.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# MBR with separate evidence: {args.candidates} vs {args.evidence or 'its saved evidence'}", "",
@@ -184,7 +188,6 @@ def main(argv: list[str] | None = None) -> None:
                                     "candidates": r["candidates"][: write[0]],
                                     "evidence": e["candidates"][: write[1]]}) + "\n")
     if mismatches:
-        rule = "candidates' own MBR" if args.evidence else "MBR against the saved evidence"
         print(f"error: the {rule} did not give back {mismatches} of the file's {len(rows)} predictions "
               "(not the eval's selection)", file=sys.stderr)
         raise SystemExit(1)
