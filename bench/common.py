@@ -1,0 +1,102 @@
+"""Shared by the bench scripts: the Phi-2-shaped model, the result file layout, DialogSum rows.
+
+Phi-2's weights cannot be fetched offline, so the speed benchmarks use PhiForCausalLM built from Phi-2's
+published config with random weights; speed and memory do not depend on the weights' values. Its tokenizer is
+a byte-level BPE (GPT-2 style, like Phi-2's) trained on DialogSum's train split, so sequence lengths are
+DialogSum's. Results go to bench/results/<question>/<card>-<date>.json with a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# Phi-2's published config (microsoft/phi-2 config.json); resid_pdrop is Phi-2's 0.1, which costs a dropout
+# mask per block in training, as with the real model.
+PHI2 = dict(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+            num_attention_heads=32, partial_rotary_factor=0.4, layer_norm_eps=1e-5, hidden_act="gelu_new",
+            tie_word_embeddings=False, max_position_embeddings=2048, resid_pdrop=0.1)
+
+
+def rows(data: Path, split: str) -> list[dict]:
+    """One split of a DialogSum folder (split.jsonl.gz or split.jsonl)."""
+    path = data / f"{split}.jsonl.gz"
+    opener = gzip.open if path.exists() else open
+    path = path if path.exists() else data / f"{split}.jsonl"
+    with opener(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(x) for x in fh if x.strip()]
+
+
+def build_phi2_shape(data: Path, out: Path) -> Path:
+    """A Phi-2-shaped checkpoint with random weights and a DialogSum-trained BPE tokenizer, saved to `out`
+    (reused when it exists)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+
+    if (out / "config.json").exists():
+        return out
+    texts = [t for r in rows(data, "train") for t in (r["dialogue"], r["summary"])]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=50000, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = PhiForCausalLM(PhiConfig(**PHI2, bos_token_id=0, eos_token_id=0)).to(torch.bfloat16)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def environment() -> dict:
+    """Card, date and package versions for a result file."""
+    import peft
+    import torch
+    import transformers
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def result_path(question: str, card: str, date: str, suffix: str) -> Path:
+    """bench/results/<question>/<card-slug>-<date><suffix>, e.g. train_speed/nvidia-h200-2026-11-27.json."""
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    return RESULTS / question / f"{slug}-{date}{suffix}"
+
+
+def raw_dir(question: str, card: str, date: str) -> Path:
+    """bench/results/<question>/raw/<card-slug>-<date>/: per-step logs and predictions, ignored by git."""
+    path = result_path(question, card, date, "")
+    return path.parent / "raw" / path.name
+
+
+def write_result(question: str, result: dict, table: list[str]) -> Path:
+    """Write the JSON and a markdown page (title, command, versions, then `table`) beside it."""
+    path = result_path(question, result["card"], result["date"], ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    head = [f"# {question}: {result['card']}, {result['date']}", "",
+            f"`{result['command']}`", "",
+            f"torch {result.get('torch')}, transformers {result.get('transformers')}, peft {result.get('peft')}.", ""]
+    path.with_suffix(".md").write_text("\n".join(head + table) + "\n")
+    return path
+
+
+def command_line() -> str:
+    return " ".join(["python3", *sys.argv])

@@ -1,0 +1,117 @@
+"""How fast does `phi2sum eval` generate: dialogues per second for Phi-2's shape (bf16 and 4-bit, LoRA adapter,
+greedy, 64 new tokens) and for SmolLM2 with the shipped decoding (configs/smollm2.yaml)?
+
+    python3 bench/generate_speed.py --data /path/to/dialogsum [--phi2-run RUN] [--smollm2-run RUN] [--limit 500]
+
+One CUDA card, one process, through the function `phi2sum eval` calls (phi2sum.evaluate.run_eval) on the test
+split. Phi-2's shape has random weights (bench/common.py), so it never stops early: every dialogue gets
+generation.max_new_tokens=64 tokens. Without --phi2-run, a run folder is made by a few steps of
+configs/a100.yaml. The SmolLM2 row needs a run folder trained with configs/smollm2.yaml (bench/quality.sh makes
+them) and is skipped without one. `seconds` is eval's own generation time (model loading excluded); an untimed
+16-dialogue eval comes first. Writes bench/results/generate_speed/<card>-<date>.json and .md; each eval's
+metrics and predictions go to bench/results/generate_speed/raw/ (not in git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, write_result  # noqa: E402
+
+
+def decoding(g) -> str:
+    if g.mbr_candidates and g.do_sample:
+        rule = f"MBR over {g.mbr_candidates} samples at T {g.temperature}"
+        return rule + (f" vs {g.mbr_evidence} evidence samples at T {g.mbr_evidence_temperature}" if g.mbr_evidence else "")
+    if g.num_beams > 1:
+        return f"beam {g.num_beams}, length penalty {g.length_penalty}"
+    return f"{'sampling' if g.do_sample else 'greedy'}, up to {g.max_new_tokens} new tokens"
+
+
+def timed_eval(name: str, cfg, adapter: Path, out: Path) -> dict:
+    import torch
+
+    from phi2sum.evaluate import run_eval
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    metrics = run_eval(cfg, str(adapter), compare_base=False, out_dir=out / name.replace(" ", "-"))
+    m = metrics["models"]["fine-tuned"]
+    return {"name": name, "model": cfg.model.name, "adapter": True, "quantization": cfg.model.quantization,
+            "decoding": decoding(cfg.generation), "batch_tokens": cfg.generation.batch_tokens,
+            "dialogues": metrics["n_dialogues"], "dialogues_per_s": m["dialogues_per_second"], "seconds": m["seconds"],
+            "hit_max_new_tokens_share": m["hit_max_new_tokens_share"],
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def phi2_run(data: Path, work: Path, steps: int) -> Path:
+    """A LoRA run folder on the Phi-2 shape: a few steps of configs/a100.yaml, as `phi2sum train` runs them."""
+    from phi2sum.config import load_config
+    from phi2sum.train import train
+
+    out = work / "phi2-a100"
+    if (out / "adapter_config.json").exists():
+        return out
+    model = build_phi2_shape(data, work / "phi2-shape")
+    train(load_config(ROOT / "configs/a100.yaml", [f"model.name={model}", f"data.source={data}", f"train.max_steps={steps}",
+                                                   f"train.output_dir={out}", "train.eval_every=0",
+                                                   "train.early_stopping_patience=0", f"train.save_every={steps}"]),
+          overwrite=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="DialogSum folder: train/validation/test.jsonl(.gz)")
+    ap.add_argument("--phi2-run", type=Path, default=None, help="run folder trained on the Phi-2 shape (default: make one)")
+    ap.add_argument("--smollm2-run", type=Path, default=None, help="run folder trained with configs/smollm2.yaml")
+    ap.add_argument("--limit", type=int, default=500, help="test dialogues per case (DialogSum's test split has 500)")
+    ap.add_argument("--train-steps", type=int, default=4, help="steps of configs/a100.yaml for the Phi-2 run folder")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/phi2sum-bench/generate_speed"), help="model and run folders")
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("generate_speed.py needs a CUDA GPU")
+    sys.path.insert(0, str(ROOT))
+    from phi2sum.config import load_config
+
+    phi2 = args.phi2_run or phi2_run(args.data, args.work, args.train_steps)
+    common = [f"data.source={args.data}", f"eval.limit={args.limit}"]
+    phi2_base = [*common, "generation.max_new_tokens=64"]
+    cases = [("phi2-shape bf16", load_config(phi2 / "config.yaml", phi2_base), phi2),
+             ("phi2-shape 4-bit", load_config(phi2 / "config.yaml", [*phi2_base, "model.quantization=4bit"]), phi2)]
+    if args.smollm2_run:
+        base = load_config(args.smollm2_run / "config.yaml").model.name  # the base the adapter was trained on
+        cases.append(("smollm2 shipped eval", load_config(ROOT / "configs/smollm2.yaml", [*common, f"model.name={base}"]),
+                      args.smollm2_run))
+    result = {**environment(), "question": "generate_speed", "command": command_line(),
+              "path": "phi2sum.evaluate.run_eval, as `phi2sum eval --adapter RUN --compare none`", "split": "test",
+              "runs": []}
+    warm = load_config(phi2 / "config.yaml", [*phi2_base, "eval.limit=16"])
+    raw = raw_dir("generate_speed", result["card"], result["date"])
+    timed_eval("warm-up", warm, phi2, args.work / "eval")
+    for name, cfg, run in cases:
+        try:
+            row = timed_eval(name, cfg, run, raw)
+        except Exception as e:  # keep the other rows on a metered GPU
+            row = {"name": name, "error": f"{type(e).__name__}: {e}"[:400]}
+        result["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    table = ["| case | quantization | decoding | dialogues | dialogues/s | seconds | peak reserved GiB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in result["runs"]:
+        table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | |" if "error" in r else
+                     f"| {r['name']} | {r['quantization']} | {r['decoding']} | {r['dialogues']} | "
+                     f"{r['dialogues_per_s']:.1f} | {r['seconds']:.1f} | {r['peak_reserved_gib']:.1f} |")
+    print(write_result("generate_speed", result, table))
+
+
+if __name__ == "__main__":
+    main()
