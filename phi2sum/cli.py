@@ -6,18 +6,21 @@ usage) or 1 (runtime failure); `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import enum
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .config import ConfigError, Phi2sumError, RunConfig, load_config, to_yaml
-from .console import console, error, info
+from .console import console, error, info, warn
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
                   help="Fine-tune a small causal LM (Phi-2 by default) on dialogue summarization with "
                        "LoRA/QLoRA, evaluate it with ROUGE, use it, publish it.")
 
@@ -27,6 +30,33 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a field: section.field
 DryOpt = typer.Option(False, "--dry-run", help="Print the resolved config and what would run, then exit.")
 DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
 AdapterOpt = typer.Option(None, "--adapter", "-a", help="Run directory from `train` (or a hub adapter id).")
+
+
+class Compare(str, enum.Enum):
+    base = "base"
+    none = "none"
+
+
+class Dtype(str, enum.Enum):
+    auto = "auto"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+
+        print(f"phi2sum {version('phi2sum')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Fine-tune a small causal LM (Phi-2 by default) on dialogue summarization with LoRA/QLoRA, evaluate it
+    with ROUGE, use it, publish it."""
 
 
 def _run(debug: bool, fn, *args, **kwargs):
@@ -58,8 +88,11 @@ def _config(config: Optional[Path], overrides: Optional[list[str]], debug: bool,
     overrides = list(overrides or [])
     if adapter is not None and config is None:
         if (Path(adapter) / "config.yaml").is_file():
-            config = Path(adapter) / "config.yaml"
-        elif not any(o.startswith("model.name=") for o in overrides):
+            from .runs import saved_config
+
+            raw = _run(debug, saved_config, Path(adapter))
+            return _run(debug, load_config, Path(adapter) / "config.yaml", overrides, raw)
+        if not any(o.startswith("model.name=") for o in overrides):
             from .modeling import read_adapter_base
 
             base = read_adapter_base(str(adapter))
@@ -120,8 +153,7 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
 
     result = _run(debug, train_mod.train, cfg, overwrite=overwrite, resume=resume)
     if result.stopped == "interrupted":
-        error(f"interrupted at step {result.steps}; checkpoint saved. Continue with: "
-              f"phi2sum train --config {config or '<config>'} --resume")
+        error(f"interrupted at step {result.steps}; checkpoint saved. Continue with: {_resume_command(config, set_)}")
         raise typer.Exit(130)
     table = Table(title=f"run {result.run_dir}")
     table.add_column("")
@@ -135,16 +167,26 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
             ("peak memory", f"{result.peak_memory_gib:.2f} GiB (reserved {result.peak_reserved_gib:.2f})"
              if result.peak_memory_gib is not None else "n/a (CPU)"),
             ("device", f"{result.device}, {result.precision}, {result.world_size} process(es)")]
+    if result.skipped_steps:
+        rows.append(("skipped updates", f"{result.skipped_steps} (non-finite loss or gradients; see metrics.jsonl)"))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
 
 
+def _resume_command(config: Optional[Path], overrides: Optional[list[str]]) -> str:
+    """The command that continues this run: its --config and every --set the user gave, plus --resume."""
+    launcher = ["accelerate", "launch", "-m", "phi2sum"] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ["phi2sum"]
+    args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
+    return shlex.join([*launcher, "train", *args, "--resume"])
+
+
 @app.command("eval")
 def eval_(config: Optional[Path] = ConfigOpt, adapter: Optional[str] = AdapterOpt, set_: Optional[list[str]] = SetOpt,
-          compare: Optional[str] = typer.Option("base", "--compare", help="Also score this model: `base` (the "
-                                                "adapter switched off) or `none`."),
-          limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N test dialogues."),
+          compare: Compare = typer.Option(Compare.base, "--compare", help="Also score the base model (the adapter "
+                                          "switched off), or nothing else."),
+          limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N test dialogues "
+                                              "(1 or more; omit for all)."),
           out: Optional[Path] = typer.Option(None, "--out", help="Folder for predictions and metrics "
                                              "(default <run>/eval)."),
           dry_run: bool = DryOpt, debug: bool = DebugOpt):
@@ -152,10 +194,10 @@ def eval_(config: Optional[Path] = ConfigOpt, adapter: Optional[str] = AdapterOp
     run_dir = Path(adapter) if adapter and Path(adapter).is_dir() else None
     overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
     cfg = _config(config, overrides, debug, adapter)
-    if compare not in ("base", "none"):
-        error(f"--compare {compare}: use base or none")
-        raise typer.Exit(2)
-    target = out or (Path(cfg.eval.output_dir) if cfg.eval.output_dir else (run_dir / "eval" if run_dir else Path("eval")))
+    compare = compare.value
+    from . import runs
+
+    target = runs.eval_dir(run_dir, cfg, out)
     if dry_run:
         return _dry_run(cfg, f"generate summaries for {cfg.eval.limit or 'all'} {cfg.data.test_split} dialogues with "
                              f"{adapter or cfg.model.name}{' and the base' if adapter and compare == 'base' else ''}, "
@@ -182,13 +224,23 @@ def summarize(inputs: list[str] = typer.Argument(..., help="Dialogue text files,
         return _dry_run(cfg, f"summarize {', '.join(inputs)} with {adapter or cfg.model.name}")
     from . import summarize as summ
 
-    results = _run(debug, summ.run, cfg, adapter, inputs, out)
+    results, problems = _run(debug, summ.run, cfg, adapter, inputs, out)
+    run_on = [r for r in results if r["run_on"]]
     if out is None:
         for r in results:
-            console.print(f"[bold]{r['source']}[/bold]")
+            console.print(f"[bold]{escape(r['source'])}[/bold]" + (" [yellow](ran on past its summary)[/yellow]"
+                                                                   if r["run_on"] else ""))
             print(r["summary"], flush=True)
     else:
         info(f"wrote {len(results)} summaries to {out}")
+    if run_on:
+        warn(f"{len(run_on)} output(s) ran on past the summary (the model went on with the dialogue), marked "
+             "above or with \"run_on\": true; an adapter trained with `phi2sum train` stops at its summary")
+    for p in problems:
+        error(p)
+    if problems:
+        error(f"{len(problems)} input(s) could not be summarized (named above); the others were")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -200,6 +252,8 @@ def push(adapter: Path = typer.Option(..., "--adapter", "-a", help="Run director
          config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
          dry_run_dir: Optional[Path] = typer.Option(None, "--dry-run", help="Build the folder that would be "
                                                     "uploaded in this directory and list it; no network."),
+         eval_dir: Optional[Path] = typer.Option(None, "--eval-dir", help="Folder `phi2sum eval` wrote (default: "
+                                                 "where eval writes for this run)."),
          debug: bool = DebugOpt):
     """Upload the adapter, tokenizer, config, metrics and a model card to the Hugging Face Hub."""
     cfg = _config(config, set_, debug, adapter)
@@ -207,7 +261,7 @@ def push(adapter: Path = typer.Option(..., "--adapter", "-a", help="Run director
     from . import hub
 
     result = _run(debug, hub.push, adapter, cfg, repo, private=cfg.push.private if private is None else private,
-                  revision=revision, commit_message=commit_message, dry_run_dir=dry_run_dir)
+                  revision=revision, commit_message=commit_message, dry_run_dir=dry_run_dir, eval_dir=eval_dir)
     if dry_run_dir is not None:
         table = Table(title=f"would upload to {repo or '<repo>'} (staged in {dry_run_dir})")
         table.add_column("file")
@@ -222,15 +276,34 @@ def push(adapter: Path = typer.Option(..., "--adapter", "-a", help="Run director
 @app.command()
 def merge(adapter: Path = typer.Option(..., "--adapter", "-a", help="Run directory from `train`."),
           out: Path = typer.Option(..., "--out", "-o", help="Folder for the standalone merged model."),
-          dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where supported, else fp16; fp32 on CPU), "
-                                    "fp16, bf16 or fp32."),
+          dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="auto: bf16 where supported, else fp16; fp32 on "
+                                      "CPU."),
           config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, debug: bool = DebugOpt):
     """Merge the adapter into an unquantized base and save a model plain transformers can load."""
     cfg = _config(config, set_, debug, adapter)
-    from . import hub
+    from . import modeling
 
-    path = _run(debug, hub.merge, adapter, cfg, out, dtype)
+    path = _run(debug, modeling.merge, adapter, cfg, out, dtype.value)
     info(f"merged model saved to {path}")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the run configuration.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, debug: bool = DebugOpt):
+    """Every config field with its value (the defaults, or --config/--set resolved) and what it does."""
+    cfg = _config(config, set_, debug)
+    table = Table(title=f"phi2sum config ({config or 'defaults'})", show_lines=False)
+    for col in ("field", "value", "what it does"):
+        table.add_column(col, overflow="fold")
+    for section in type(cfg).model_fields:
+        part = getattr(cfg, section)
+        for name, field in type(part).model_fields.items():
+            doc = " ".join((field.description or "").split())
+            table.add_row(f"{section}.{name}", escape(repr(getattr(part, name))), escape(doc))
+    console.print(table)
 
 
 def main():

@@ -6,7 +6,6 @@ here, by the docstring under it; `phi2sum <verb> --dry-run` prints the resolved 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -48,10 +47,8 @@ class ModelConfig(_Section):
     """Attention kernel. SDPA accumulates in fp32, which keeps Phi-2's fp16 attention from overflowing."""
     cudnn_attention: bool | None = None
     """Allow (true) or forbid (false) SDPA's cuDNN attention kernel on GPUs where PyTorch offers it (H100/H200);
-    unset leaves PyTorch's choice. In a profile of SmolLM2's compiled step (micro-batch 128, H100) the first
-    cuDNN attention call of a step took 53-79 ms of host time forward and 58-94 ms backward, later calls ~0.1 ms
-    (most likely a plan built per new batch width). Whether turning it off is faster overall is not measured
-    yet (docs/RESULTS.md)."""
+    unset leaves PyTorch's choice. Its first call for a new batch width costs tens of milliseconds of host
+    time, which is why the GPU configs pad widths (train.pad_to_multiple_of)."""
     trust_remote_code: bool = False
     """Allow model code from the hub repo to run (not needed for Phi-2 with current transformers)."""
 
@@ -104,6 +101,9 @@ class DataConfig(_Section):
     """Longest training sequence (prompt + summary + stop token), in tokens."""
     max_summary_tokens: int = Field(128, ge=8)
     """Longest summary kept for training; longer summaries are dropped (never cut)."""
+    skip_bad_lines: bool = False
+    """Skip lines of a JSON-lines file that are not a JSON object (each is named in a warning) instead of
+    stopping at the first one."""
     max_rows: dict[str, int] = {}
     """Use only the first N rows of a split (`train: 200`), for quick runs."""
     cache_dir: str = "~/.cache/phi2sum/prepared"
@@ -142,23 +142,16 @@ class TrainConfig(_Section):
     group_by_length: bool = True
     """Batch sequences of similar length together (less padding, same randomness across epochs)."""
     pad_to_multiple_of: int = Field(1, ge=1, le=1024)
-    """Pad each micro-batch's width up to a multiple of this (1 = to its longest row). Each new width seems to
-    cost one-off work (most likely cuDNN attention building a plan per shape, ~150 ms of host time a step in a
-    profile), so fewer widths are faster: 64 took SmolLM2's compiled full fine-tune at micro-batch 128 from
-    98,178 to 182,177 real tokens/s, and Phi-2's shape under a100.yaml from 12,578-14,762 to 22,936-25,374
-    (H100, without the padding mask, docs/RESULTS.md; steps 21-60 and 4-16 of a run, where most widths are
-    still new). Not measured on P100/T4 or in 4-bit, where the padded compute may cost more than it saves.
-    Throughput counts real tokens only; never pads past data.max_length; the loss is the same (a model with
-    dropout draws other masks over the wider tensor)."""
+    """Pad each micro-batch's width up to a multiple of this (1 = to its longest row), never past
+    data.max_length. Fewer distinct widths mean fewer one-off kernel plans and compilations: on a GPU with
+    torch.compile or cuDNN attention, 64 is faster despite the padded compute (docs/RESULTS.md, "Training
+    speed and memory"). The loss is the same; throughput figures count real tokens only."""
     padding_mask: bool = False
-    """Pass the padding mask to the model in training and validation-loss batches. Not needed by default:
-    rows are right-padded and attention is causal, so no real token can attend to a pad, and the loss reads
-    real tokens only (same loss and gradients either way, tested). Without it SDPA attention is called with
-    is_causal (any of its kernels may serve it, flash attention included) and no mask is built. Turn it on for
-    a model whose attention is not purely causal; with model.trust_remote_code the mask is always passed.
-    Speed about the same either way (H100, docs/RESULTS.md); memory less without: SmolLM2's full fine-tune at
-    micro-batch 128 peaked at 43.7 instead of 49.1 GiB over 60 steps, and only without the mask did its
-    widest batch (128 x 1,024 tokens) fit the 80 GB card."""
+    """Pass the padding mask to the model in training and validation-loss batches. Not needed for causal
+    models: rows are right-padded, so no real token attends to a pad and the loss reads real tokens only (same
+    loss and gradients, tested), and without a mask SDPA uses its causal kernels and no mask tensor is built
+    (less memory). Turn it on for a model whose attention is not purely causal; with
+    model.trust_remote_code the mask is always passed."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """Cross-entropy label smoothing in training (as transformers' `label_smoothing_factor`): the target puts
     this share of its mass evenly on all tokens. The logged train loss includes it; validation loss (and so
@@ -185,15 +178,25 @@ class TrainConfig(_Section):
     """Stop after this many evaluations without improvement (0 = never)."""
     max_bad_steps: int = Field(10, ge=1)
     """Consecutive steps with NaN/inf loss after which training stops with an error."""
+    memory_check: bool = True
+    """On a GPU, before the first step: run the widest micro-batch the config allows once, print the expected peak
+    memory, and stop with the setting to lower if it will not fit (costs about one step)."""
     resume: Literal["auto", "never"] = "never"
     """`auto`: continue from the newest valid checkpoint in output_dir when there is one."""
+    hub_checkpoints: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+    """Private Hub repo (`user/name`, created if missing) each checkpoint is uploaded to in the background; `--resume`
+    on a machine without the checkpoints downloads the newest valid one. Token: HF_TOKEN or `hf auth login`."""
+    hub_checkpoints_revision: str | None = None
+    """Branch of hub_checkpoints that holds this run's checkpoints (default: the output_dir folder's name)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab"]] = []
+    """Experiment trackers (through accelerate) that get the metrics.jsonl rows and the resolved config, and the
+    ROUGE of `phi2sum eval`; TensorBoard writes to output_dir/trackers."""
     compile: bool = False
     """torch.compile each transformer block (CUDA GPUs of compute capability 7.0+; elsewhere a warning and
-    eager): fused kernels and far fewer kernel launches. One compilation, shared by all blocks and every
-    sequence length, costs the first step about a minute (and the first evaluation some seconds). On an
-    H200: Phi-2 shape bf16 LoRA at 16 x 2 rows 21,692 -> 27,853 real tokens/s (no gain measurable at 32 x 1),
-    SmolLM2 LoRA 31,388 -> 50,185 over a whole run with the same validation losses (docs/RESULTS.md); pays
-    off for runs longer than a few minutes."""
+    eager): fused kernels and fewer launches. One compilation serves all blocks and sequence lengths and
+    costs the first step about a minute, so it pays off for runs longer than a few minutes
+    (docs/RESULTS.md, "Training speed and memory")."""
 
 
 class GenerationConfig(_Section):
@@ -206,14 +209,17 @@ class GenerationConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature."""
     top_k: int = Field(50, ge=0)
-    """When sampling, draw only among the k most likely tokens (0 = all). 50 is transformers' default, which
-    sampling runs before this setting existed used without saying so (unless the model's own generation
-    config set another top_k: phi2sum now passes this value either way)."""
+    """When sampling, draw only among the k most likely tokens (0 = all; 50 is transformers' default). Always
+    passed, so a model's own generation config cannot change it silently."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass."""
     seed: int = 0
     """Sampling seed for each generation call: the same dialogues, settings, card and process count give the
     same samples."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where eval and summarize generate (auto: the GPU when there is one)."""
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    """Compute precision of generation: auto = bf16 where the GPU has it, else fp16; always fp32 on CPU."""
     repetition_penalty: float = Field(1.0, gt=0)
     """Penalty on repeated tokens (1.0 = none)."""
     no_repeat_ngram_size: int = Field(0, ge=0)
@@ -226,15 +232,15 @@ class GenerationConfig(_Section):
     """Also cap each batch at this many tokens of KV cache, counted as rows x beams (or MBR candidates/evidence) x
     (longest prompt + max_new_tokens); long dialogues then go in smaller batches, short ones in larger (0 = no cap)."""
     cache: Literal["dynamic", "static"] = "dynamic"
-    """KV cache: `dynamic` grows per token; `static` is allocated once per batch and transformers then
-    compiles the decoding step (SmolLM2 on 500 dialogues: 44 s against 13 s dynamic, compiling dominates)."""
+    """KV cache for transformers' `generate`: `dynamic` grows per token; `static` is allocated once per batch
+    and makes transformers compile the decoding step (slower for an eval-sized run: compiling dominates).
+    phi2sum's own loop (cuda_graph) always uses a static cache."""
     cuda_graph: bool = True
-    """Greedy decoding and sampling (MBR's candidates included) on a CUDA GPU (unquantized or 4-bit, SDPA or
-    eager attention) run phi2sum's own loop: a static KV cache and the decoding step captured once per batch
-    as a CUDA graph, replayed per token (no per-token Python or kernel launches). Samples come from the same
-    distribution as transformers' (temperature, top_k, top_p; up to ties at the k-th logit) but are other
-    draws than its generate would make (set false to get generate's draws, e.g. to repeat an older run).
-    Beams, penalties, 8-bit models, flash-attention, sliding-window models and CPUs use generate."""
+    """Greedy decoding and sampling on a CUDA GPU (unquantized or 4-bit, SDPA or eager attention) run
+    phi2sum's own loop: a static KV cache and the decoding step captured once per batch as a CUDA graph,
+    replayed per token. Greedy tokens equal generate's; samples come from the same distribution but are other
+    draws (false: use generate, e.g. to repeat its draws). Beams, penalties, 8-bit models, flash-attention,
+    sliding-window models and CPUs always use generate (docs/RESULTS.md, "Generation speed")."""
     mbr_candidates: int = Field(0, ge=0)
     """Minimum-Bayes-risk selection (0 = off, else 2 or more): generate this many candidate summaries per
     dialogue (beam search's best beams, raising num_beams to at least this many; or, with do_sample,
@@ -243,13 +249,9 @@ class GenerationConfig(_Section):
     mbr_evidence: int = Field(0, ge=0)
     """With sampled MBR candidates: also draw this many samples per dialogue at mbr_evidence_temperature and
     score each candidate against them instead of against the other candidates (0 = the candidates are their
-    own evidence). The candidates come from the sharpened distribution (temperature), the evidence from the
-    model's own (temperature 1): MBR's expected agreement is an expectation over the model's summaries, and
-    samples at 0.5 over-count its most likely wording. SmolLM2 on DialogSum, 64 candidates at 0.5 with 64
-    samples at 1.0 as evidence, against the candidates as their own evidence (same samples, three trainings,
-    docs/RESULTS.md): mean of ROUGE-1/2/L +0.001 / +0.013 / +0.007 for seeds 42 / 1 / 2 on validation,
-    +0.011 on test for each. Costs
-    the evidence's sampling time (64 + 64 samples: 280 s per 500 dialogues on an H200, twice 64 alone)."""
+    own evidence). MBR's expected agreement is an expectation over the model's own distribution (temperature
+    1), while candidates drawn sharper (temperature < 1) stay fluent. Roughly doubles the sampling time
+    (docs/RESULTS.md, "Quality")."""
     mbr_evidence_temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the MBR evidence (top_k and top_p as for the candidates)."""
     max_input_tokens: int = Field(896, ge=16)
@@ -263,8 +265,8 @@ class GenerationConfig(_Section):
 
 
 class EvalConfig(_Section):
-    limit: int = Field(0, ge=0)
-    """Score only the first N test dialogues (0 = all)."""
+    limit: int | None = Field(None, ge=1)
+    """Score only the first N test dialogues (unset = all)."""
     use_stemmer: bool = True
     """Porter stemming in ROUGE (the standard setting for DialogSum)."""
     bootstrap_samples: int = Field(1000, ge=0)
@@ -272,8 +274,8 @@ class EvalConfig(_Section):
     save_candidates: bool = False
     """With generation.mbr_candidates: also write every candidate summary into predictions.jsonl
     (`candidates`, ~4 MB for 500 dialogues x 64; with generation.mbr_evidence also `evidence`), and where
-    phi2sum's loop sampled them each one's log-probability and token count, for re-selecting on the CPU
-    (bench/mbr_pool.py, bench/mbr_evidence.py)."""
+    phi2sum's loop sampled them each one's log-probability and token count, to study other selection rules
+    on the CPU without generating again."""
     output_dir: str | None = None
     """Where predictions and metrics go (default: `<adapter run>/eval`)."""
 
@@ -303,10 +305,11 @@ class RunConfig(_Section):
     push: PushConfig = PushConfig()
     """Hub upload."""
 
-    def problems(self) -> list[str]:
-        """Cross-field checks that need no hardware; each problem names its fix."""
+    def problems(self, cuda: bool | None = None, bf16: bool = False) -> list[str]:
+        """Every cross-field problem, each naming its fix. With `cuda` (whether a CUDA GPU is visible; `bf16`
+        whether it has bf16) also what the machine about to run cannot do; None checks the config alone."""
         out = []
-        t = self.train
+        t, m, g = self.train, self.model, self.generation
         if t.keep_best and t.eval_every and t.save_every % t.eval_every:
             out.append(f"train.save_every ({t.save_every}) must be a multiple of train.eval_every "
                        f"({t.eval_every}) when train.keep_best is on, so the best step is always saved")
@@ -315,42 +318,35 @@ class RunConfig(_Section):
         if self.data.max_summary_tokens + 16 > self.data.max_length:
             out.append(f"data.max_length ({self.data.max_length}) leaves no room for a dialogue after "
                        f"data.max_summary_tokens ({self.data.max_summary_tokens}); raise max_length")
-        if not self.lora.enabled and self.model.quantization != "none":
+        if not self.lora.enabled and m.quantization != "none":
             out.append("a full fine-tune (lora.enabled: false) cannot train quantized weights; "
                        "set model.quantization: none")
-        if self.lora.use_dora and self.model.quantization == "8bit":
+        if self.lora.use_dora and m.quantization == "8bit":
             out.append("DoRA is not supported on 8-bit weights; use model.quantization: 4bit or none")
-        if t.optimizer != "adamw" and t.device == "cpu":
-            out.append(f"train.optimizer {t.optimizer} needs CUDA (bitsandbytes); use adamw on CPU")
-        if t.precision in ("fp16", "bf16") and t.device == "cpu":
-            out.append(f"train.precision {t.precision} is for GPUs; use fp32 (or auto) on CPU")
-        if self.generation.do_sample and self.generation.num_beams > 1:
+        if g.do_sample and g.num_beams > 1:
             out.append("generation.do_sample and num_beams > 1 do not mix; pick one")
-        if self.generation.mbr_candidates == 1:
+        if g.mbr_candidates == 1:
             out.append("generation.mbr_candidates: 1 leaves nothing to choose; use 0 (off) or 2 or more")
-        if self.generation.mbr_evidence and not (self.generation.do_sample and self.generation.mbr_candidates):
+        if g.mbr_evidence and not (g.do_sample and g.mbr_candidates):
             out.append("generation.mbr_evidence needs sampled MBR candidates (generation.do_sample: true and "
                        "generation.mbr_candidates >= 2); set it to 0 otherwise")
+        # Training on the CPU: known from the config when train.device is cpu, from the machine otherwise.
+        if t.device == "cuda" and cuda is False:
+            out.append("train.device is cuda but no CUDA GPU is visible; use train.device: auto or cpu")
+        on_cpu = t.device == "cpu" or cuda is False
+        if on_cpu and m.quantization != "none" and self.lora.enabled:
+            out.append(f"model.quantization {m.quantization} needs a CUDA GPU (bitsandbytes); "
+                       "set model.quantization: none to train on the CPU")
+        if on_cpu and t.optimizer != "adamw":
+            out.append(f"train.optimizer {t.optimizer} needs a CUDA GPU (bitsandbytes); use adamw on the CPU")
+        if on_cpu and t.precision in ("fp16", "bf16"):
+            out.append(f"train.precision {t.precision} is for GPUs; use fp32 (or auto) on the CPU")
+        if cuda and t.device != "cpu" and t.precision == "bf16" and not bf16:
+            out.append("this GPU has no bf16 (P100/T4/V100); set train.precision: fp16 (or auto)")
         return out
 
 
-def check_hardware(cfg: RunConfig, cuda: bool, bf16: bool) -> list[str]:
-    """Checks that depend on the machine we are about to run on."""
-    out = []
-    if cfg.train.device == "cuda" and not cuda:
-        out.append("train.device is cuda but no CUDA GPU is visible; use train.device: auto or cpu")
-    on_gpu = cuda and cfg.train.device != "cpu"
-    if cfg.train.precision == "bf16" and on_gpu and not bf16:
-        out.append("this GPU has no bf16 (P100/T4/V100); set train.precision: fp16 (or auto)")
-    if not on_gpu:
-        if cfg.model.quantization != "none":
-            out.append(f"model.quantization {cfg.model.quantization} needs a CUDA GPU (bitsandbytes); "
-                       "set model.quantization: none to run on CPU")
-        if cfg.train.optimizer != "adamw":
-            out.append(f"train.optimizer {cfg.train.optimizer} needs a CUDA GPU; use adamw on CPU")
-        if cfg.train.precision in ("fp16", "bf16"):
-            out.append(f"train.precision {cfg.train.precision} needs a GPU; use fp32 or auto on CPU")
-    return out
+SECTIONS = tuple(RunConfig.model_fields)
 
 
 def _parse_value(text: str):
@@ -376,40 +372,48 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
+def format_validation_error(err: ValidationError, origin: str, overridden: set[str] = frozenset()) -> str:
+    """One `origin: field: message` line per problem; a field given with --set is attributed to --set."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `phi2sum <verb> --help` lists the sections)"
-        lines.append(f"{origin}: {loc}: {msg}")
+            msg = "unknown field (check the spelling; `phi2sum config show` lists every field)"
+        where = "--set" if any(loc == k or loc.startswith(k + ".") for k in overridden) else origin
+        lines.append(f"{where}: {loc}: {msg}")
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    raw: dict = {}
-    origin = "defaults"
-    if path is not None:
-        path = Path(path)
-        origin = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. configs/p100.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text; save the config as UTF-8 YAML") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)")
+def read_yaml(path: Path) -> dict:
+    """A config file's mapping, or one ConfigError line that says what is wrong with the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML, e.g. configs/p100.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save the config as UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict | None = None) -> RunConfig:
+    """defaults < YAML file (or an already-read mapping `raw`) < --set overrides, validated once."""
+    origin = str(path) if path is not None else "defaults"
+    if raw is None:
+        raw = read_yaml(Path(path)) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
+    overridden = {o.partition("=")[0].strip() for o in overrides or []}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, origin)) from None
+        raise ConfigError(format_validation_error(e, origin, overridden)) from None
     problems = cfg.problems()
     if problems:
         raise ConfigError("\n".join(f"{origin}: {p}" for p in problems))
@@ -424,18 +428,3 @@ def looks_local(name: str) -> bool:
     """A model, adapter or data name that means a local path rather than a hub id: it exists here, or it
     is spelled like a path (./, /, ~). The one rule behind every "path or hub id" decision."""
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside the target, then rename: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def save_config(cfg: RunConfig, path: Path) -> None:
-    write_text_atomic(path, to_yaml(cfg))

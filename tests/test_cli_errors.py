@@ -1,6 +1,7 @@
 """Bad input to eval, summarize, push and merge: each ends with one `error:` line (or click's usage
 message), a non-zero exit code and no traceback, both through CliRunner and as a real `python -m phi2sum`
-process (whose exit code is what a shell sees). No model is trained: every case fails before that."""
+process (whose exit code is what a shell sees). No model is trained: every case fails before that. Also the
+CLI's own surface: --version, the choices --help lists, `config show`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT
+from conftest import ROOT, error_lines
 from phi2sum.cli import app
 
 runner = CliRunner()
@@ -57,19 +58,15 @@ BAD_INPUT = [
     (["eval", "--adapter", "{missing}", "--config", "{config}"], 2, "no such directory, and not a hub id"),
     (["eval", "--adapter", "{not_adapter}", "--config", "{config}"], 2, "is not an adapter or run directory"),
     (["eval", "--adapter", "{not_adapter}"], 2, "is not an adapter or run directory"),  # before any data loads
-    (["eval", "--compare", "gpt4", "--config", "{config}"], 2, "--compare gpt4: use base or none"),
     (["eval", "--config", "{missing_config}"], 2, "not found; pass an existing YAML"),
     (["eval", "--config", "{config}", "--set", "eval.limt=3"], 2, "eval.limt: unknown field"),
     (["summarize", "{dialog}", "--adapter", "{missing}", "--config", "{config}"], 2, "no such directory"),
     (["summarize", "{dialog}", "--adapter", "{not_adapter}", "--config", "{config}"], 2,
      "is not an adapter or run directory"),
-    (["summarize", "{empty}", "--config", "{config}"], 2, "is empty; give it a dialogue"),
-    (["summarize", "{binary}", "--config", "{config}"], 2, "looks binary (NUL bytes)"),
-    (["summarize", "{latin1}", "--config", "{config}"], 2, "not UTF-8 text (byte 2); re-save it as UTF-8"),
     (["summarize", "{bad_jsonl}", "--config", "{config}"], 2, "line 2: expected a JSON object"),
     (["summarize", "{missing_file}", "--config", "{config}"], 2, "not found; pass a text file"),
     (["summarize", "{empty_dir}", "--config", "{config}"], 2, "holds no .txt files"),
-    (["summarize", "{dialog}", "{empty}", "--config", "{config}"], 2, "is empty"),  # one bad file of several
+    (["summarize", "{dialog}", "--out", "{dialog}", "--config", "{config}"], 2, "is one of the inputs"),
     (["push", "--adapter", "{not_adapter}", "--dry-run", "{out}"], 2, "is not a run directory"),
     (["push", "--adapter", "{missing}", "--repo", "me/run"], 2, "is not a run directory"),
     (["merge", "--adapter", "{not_adapter}", "--out", "{out}"], 2, "is not a run directory"),
@@ -85,9 +82,22 @@ def test_bad_input_is_one_error_line(world, args, code, message):
     assert not Path(world["out"]).exists()
 
 
+@pytest.mark.parametrize("name,message", [("empty", "is empty; give it a dialogue"),
+                                          ("binary", "looks binary (NUL bytes"),
+                                          ("latin1", "not UTF-8 text (byte 2); re-save it as UTF-8")])
+def test_an_unreadable_file_is_named_and_the_run_fails(world, name, message):
+    """Every input unreadable: each is named, nothing is loaded, exit 1 (test_summarize: with readable ones too)."""
+    result = runner.invoke(app, ["summarize", world[name], "--config", world["config"]])
+    assert result.exit_code == 1, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 2 and world[name] in lines[0] and message in lines[0], result.output
+    assert "1 input(s) could not be summarized" in lines[1] and "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("stdin,message", [(b"", "standard input is empty"), (b"  \n", "standard input is empty"),
                                            (b"A: \0\0", "standard input looks binary"),
-                                           (b"Jos\xe9: ol\xe1", "standard input: not UTF-8 text (byte 3)")])
+                                           (b"Jos\xe9: ol\xe1", "standard input: not UTF-8 text (byte 3)"),
+    (b"\xff\xfeT", "standard input: not UTF-16 text")])
 def test_bad_stdin(world, stdin, message):
     result = runner.invoke(app, ["summarize", "-", "--config", world["config"]], input=stdin)
     assert_one_error_line(result.output, result.exit_code, 2, message)
@@ -102,6 +112,9 @@ USAGE = [
     (["eval", "--bogus"], "No such option: --bogus"),
     (["summarize", "{dialog}", "--temperature", "0.3"], "No such option: --temperature"),
     (["eval", "--limit", "many"], "Invalid value for '--limit'"),
+    (["eval", "--limit", "0"], "Invalid value for '--limit'"),
+    (["eval", "--compare", "gpt4"], "Invalid value for '--compare'"),
+    (["merge", "--adapter", "{not_adapter}", "--out", "{out}", "--dtype", "fp8"], "Invalid value for '--dtype'"),
     (["train-more"], "No such command 'train-more'"),
 ]
 
@@ -124,16 +137,37 @@ def phi2sum(args: list[str], cwd: Path, stdin: bytes = b"") -> subprocess.Comple
                           env=env, timeout=120)
 
 
-def test_real_process_bad_input_exits_2(world, tmp_path):
-    proc = phi2sum(["summarize", world["binary"], "--config", world["config"]], tmp_path)
-    assert_one_error_line(proc.stderr.decode(), proc.returncode, 2, "looks binary")
+def test_real_process_exits_2_on_bad_input_and_on_usage_errors(world, tmp_path):
+    """Both ways main() ends a bad call: our ConfigError (one line) and click's usage error (one line, not
+    Typer's box), each with the exit code a shell sees."""
+    proc = phi2sum(["summarize", world["bad_jsonl"], "--config", world["config"]], tmp_path)
+    assert_one_error_line(proc.stderr.decode(), proc.returncode, 2, "line 2: expected a JSON object")
     assert proc.stdout == b""
-    proc = phi2sum(["summarize", "-", "--config", world["config"]], tmp_path, stdin=b"\xff\xfeT\0o\0m\0")
-    assert_one_error_line(proc.stderr.decode(), proc.returncode, 2, "standard input")
+    proc = phi2sum(["eval", "--bogus"], tmp_path)
+    assert_one_error_line(proc.stderr.decode(), proc.returncode, 2, "No such option: --bogus")
+    assert proc.stdout == b""
 
 
-@pytest.mark.parametrize("args,message", [(["push"], "Missing option '--adapter'"),
-                                          (["eval", "--bogus"], "No such option: --bogus")])
-def test_real_process_usage_error_exits_2(tmp_path, args, message):
-    proc = phi2sum(args, tmp_path)
-    assert_one_error_line(proc.stderr.decode(), proc.returncode, 2, message)
+def test_version_and_the_choices_help_lists(tmp_path):
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"phi2sum {version('phi2sum')}"
+    for verb, option, choices in (("eval", "--compare", ("base", "none")),
+                                  ("merge", "--dtype", ("auto", "fp16", "bf16", "fp32"))):
+        result = runner.invoke(app, [verb, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert result.exit_code == 0
+        line = next(x for x in result.output.splitlines() if option in x)
+        assert all(c in line for c in choices), line
+
+
+def test_config_show_lists_every_field_with_its_value_and_doc(make_config):
+    result = runner.invoke(app, ["config", "show", "--config", str(make_config()), "--set", "train.max_steps=7"],
+                           env={"COLUMNS": "250"}, terminal_width=250)
+    assert result.exit_code == 0, result.output
+    row = next(x for x in result.output.splitlines() if "train.max_steps" in x)
+    assert "7" in row and "Optimizer steps to run" in row
+    from phi2sum.config import RunConfig
+
+    fields = [f"{s}.{n}" for s, sec in RunConfig.model_fields.items() for n in sec.annotation.model_fields]
+    assert all(f in result.output for f in fields)

@@ -28,13 +28,13 @@ def _datasets_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf-datasets")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def plain_tok(tiny_model):
     """Phi-2's case: no pad token in the files, so load_tokenizer makes pad == EOS == the stop token."""
     return load_tokenizer(ModelConfig(name=str(tiny_model), quantization="none"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chat_tok(tiny_chat_model):
     return load_tokenizer(ModelConfig(name=str(tiny_chat_model), quantization="none"))
 
@@ -412,9 +412,12 @@ def _bad(kind: str, folder: Path) -> tuple[Path, list[str]]:
         path = folder / "train.jsonl.gz"
         write_jsonl(path, rows)
         return path, ["cannot read"]
-    if kind == "broken JSON line":
+    if kind == "broken JSON line":  # named by its line in the file, with the way out
         path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:-20] + "\n")
-        return path, ["cannot load split 'train'", "JSON"]
+        return path, ["line 2: not valid JSON", "data.skip_bad_lines"]
+    if kind == "a JSON line that is not an object":
+        path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(["a", "list"]) + "\n")
+        return path, ["line 2: not a JSON object"]
     if kind == "broken parquet":
         path = folder / "train.parquet"
         path.write_bytes(b"PAR1 this is not parquet")
@@ -429,8 +432,8 @@ def _bad(kind: str, folder: Path) -> tuple[Path, list[str]]:
 
 
 BAD = ["missing file", "empty file", "blank lines only", "CSV header only", "no dialogue column", "no summary column",
-       "non-UTF-8", "binary file", "not gzip", "broken JSON line", "broken parquet", "all dialogues empty",
-       "many summaries empty"]
+       "non-UTF-8", "binary file", "not gzip", "broken JSON line", "a JSON line that is not an object",
+       "broken parquet", "all dialogues empty", "many summaries empty"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -506,3 +509,26 @@ def test_cli_warns_about_a_few_empty_rows(make_config, tmp_path):
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "skipped 1 of 400 rows" in result.output
     assert "error:" not in result.output and "Traceback" not in result.output
+
+
+def test_bad_json_lines_can_be_skipped_and_are_named(tmp_path, capsys):
+    """data.skip_bad_lines: a few broken lines in a large export are skipped with a warning naming them (their
+    line numbers in the file, blank lines counted), instead of stopping at the first."""
+    rows = slice_rows("train", 10)
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = lines[2][:-15]  # cut short
+    lines[6] = "[1, 2]"  # not an object
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines[:5] + [""] + lines[5:]) + "\n")
+    cfg = DataConfig(files={"train": str(path)}, skip_bad_lines=True)
+    got = data.load_split(cfg, "train")
+    assert got.ids == [r["id"] for i, r in enumerate(rows) if i not in (2, 6)]
+    assert f"{path}: skipped 2 bad line(s) (data.skip_bad_lines): 3, 8" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(ConfigError, match="line 3: not valid JSON"):
+        data.load_split(cfg.model_copy(update={"skip_bad_lines": False}), "train")
+
+
+def test_a_file_as_data_source_says_to_name_it_per_split(tmp_path):
+    path = write_jsonl(tmp_path / "all.jsonl", slice_rows("train", 3))
+    with pytest.raises(ConfigError, match=r"is a file, but it takes a folder .* data\.files\.train: "):
+        data.load_split(DataConfig(source=str(path)), "train")

@@ -1,5 +1,6 @@
-"""push and merge through the real code: a run trained here, the upload sent to a local stand-in for the
-Hub's HTTP API (tests/hub_server.py), the merged model checked against base + adapter."""
+"""push and merge through the real code: the shared tiny run, the upload sent to a local stand-in for the Hub's
+HTTP API (tests/hub_server.py), the model card's metadata and ROUGE table (found where eval wrote them, or
+--eval-dir), the merged model checked against base + adapter."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_config_dict
+from conftest import error_lines, unwrapped
 from hub_server import FakeHub
 from phi2sum.cli import app
 from phi2sum.config import ConfigError, load_config
@@ -35,22 +36,10 @@ METRICS = {
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model) -> Path:
-    """One real 6-step CPU training run, shared by the module; tests that change it use `run`."""
-    from phi2sum.train import train
-
-    tmp = tmp_path_factory.mktemp("hub-run")
-    config = tmp / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_model, tmp)))
-    train(load_config(config))
-    return tmp / "run"
-
-
 @pytest.fixture
-def run(trained, tmp_path) -> Path:
-    """A private copy of the trained run."""
-    return Path(shutil.copytree(trained, tmp_path / "run"))
+def run(run_copy) -> Path:
+    """A private copy of the shared trained run (tests write eval results into it)."""
+    return run_copy
 
 
 @pytest.fixture
@@ -162,6 +151,44 @@ def test_card_usage_follows_a_chat_template(run, tiny_chat_model, tmp_path):
     assert 'convert_tokens_to_ids("<|im_end|>")' in text and "add_special_tokens=False" in text
 
 
+def test_push_finds_eval_scores_where_eval_wrote_them_or_says_it_did_not(run, tmp_path):
+    """`eval --out elsewhere` leaves nothing in <run>/eval: a dry run then warns that the card has no ROUGE table,
+    and with --eval-dir pointing at that folder the card has it (and the Hub's model-index its numbers)."""
+    scores = tmp_path / "elsewhere"
+    res = runner.invoke(app, ["eval", "--adapter", str(run), "--limit", "2", "--compare", "none", "--out", str(scores)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["push", "--adapter", str(run), "--dry-run", str(tmp_path / "bare")])
+    assert res.exit_code == 0, res.output
+    said = unwrapped(res.output)
+    assert f"no eval scores at {run / 'eval' / 'metrics.json'}" in said and "--eval-dir" in said
+    meta, text = _card(tmp_path / "bare")
+    assert "Not evaluated yet" in text and "model-index" not in meta
+
+    res = runner.invoke(app, ["push", "--adapter", str(run), "--repo", "me/tiny-sum", "--dry-run",
+                              str(tmp_path / "scored"), "--eval-dir", str(scores)])
+    assert res.exit_code == 0, res.output
+    assert "no eval scores" not in res.output
+    metrics = json.loads((scores / "metrics.json").read_text())
+    assert (tmp_path / "scored" / "eval" / "metrics.json").read_text() == (scores / "metrics.json").read_text()
+    meta, text = _card(tmp_path / "scored")
+    row = next(line for line in text.splitlines() if line.startswith("| fine-tuned |"))
+    assert f"{100 * metrics['models']['fine-tuned']['rouge2']['mean']:.2f}" in row
+    [entry] = meta["model-index"]
+    got = {m["type"]: m["value"] for m in entry["results"][0]["metrics"]}
+    assert got == {k: round(100 * metrics["models"]["fine-tuned"][k]["mean"], 2)
+                   for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+    assert entry["results"][0]["dataset"]["type"] == "knkarthick/dialogsum"
+
+
+def test_card_for_other_data_names_it_and_cites_no_dialogsum(run, tmp_path):
+    cfg = load_config(run / "config.yaml", ["data.source=someone/meeting-notes", "data.dialogue_column=transcript"])
+    push(run, cfg, "me/notes", private=False, revision=None, commit_message="m", dry_run_dir=tmp_path / "s")
+    meta, text = _card(tmp_path / "s")
+    assert meta["datasets"] == ["someone/meeting-notes"] and "dialogsum" not in meta["tags"]
+    assert "Chen et al., 2021" not in text and "check that the data's license allows it" in text
+    assert "dialogue column `transcript`" in text
+
+
 def test_cli_dry_run_and_errors(run, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -219,7 +246,7 @@ def test_push_refused_or_unreachable_is_one_clear_line(run, hub, monkeypatch):
     hub.fail["create"] = 403
     res = runner.invoke(app, ["push", "--adapter", str(run), "--repo", "someone-else/model"])
     assert res.exit_code == 1
-    lines = res.output.strip().splitlines()
+    lines = error_lines(res.output)  # (and a warning: this run was never evaluated)
     assert len(lines) == 1 and "refused" in lines[0] and "403" in lines[0] and "someone-else/model" in lines[0]
     assert TOKEN not in res.output
     assert "someone-else/model" not in hub.repos and _listing(run) == before
@@ -227,18 +254,19 @@ def test_push_refused_or_unreachable_is_one_clear_line(run, hub, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     res = runner.invoke(app, ["push", "--adapter", str(run), "--repo", "me/tiny-sum"])
     assert res.exit_code == 1
-    lines = res.output.strip().splitlines()
+    lines = error_lines(res.output)
     assert len(lines) == 1 and "cannot reach the Hugging Face Hub" in lines[0]
     assert TOKEN not in res.output
 
 
-def test_merge_equals_base_plus_adapter(trained, tiny_model, tmp_path):
+def test_merge_equals_base_plus_adapter(trained_run, tiny_model, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
     # fp32 so the comparison below is exact to 1e-4 on any machine (auto picks bf16 on a modern GPU).
+    trained = trained_run
     res = runner.invoke(app, ["merge", "--adapter", str(trained), "--out", str(out), "--dtype", "fp32"])
     assert res.exit_code == 0, res.output
     assert (out / "config.yaml").is_file() and not (out / "adapter_config.json").exists()
@@ -258,4 +286,4 @@ def test_merge_equals_base_plus_adapter(trained, tiny_model, tmp_path):
     res = runner.invoke(app, ["merge", "--adapter", str(trained), "--out", str(out)])
     assert res.exit_code == 2 and "not empty" in res.output
     res = runner.invoke(app, ["merge", "--adapter", str(trained), "--out", str(tmp_path / "m2"), "--dtype", "fp8"])
-    assert res.exit_code == 2 and "use auto, fp16, bf16 or fp32" in res.output
+    assert res.exit_code == 2 and "Invalid value for '--dtype'" in res.output

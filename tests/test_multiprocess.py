@@ -1,6 +1,7 @@
 """Several processes, through the launcher users run (torchrun; `accelerate launch` sets the same
 environment), on the CPU with the gloo backend: the distributed code paths of train and eval, not only
-their single-process branch. Two processes on a 2-core machine: slow-ish, so few and short runs."""
+their single-process branch. Two processes on a 2-core machine: slow-ish, so two launches, compared with
+one-process runs made in this process."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def free_port() -> int:
 def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           "-m", "phi2sum", *args] if nproc > 1 else [sys.executable, "-m", "phi2sum", *args]
+           "-m", "phi2sum", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -46,14 +47,30 @@ def world(tmp_path_factory, tiny_model) -> Path:
     return tmp
 
 
-def test_two_processes_match_one_and_resume_with_one(world):
+@pytest.fixture(scope="module")
+def whole(world) -> Path:
+    """The 1-process reference (in this process, one thread as the launched ones: the same float sums)."""
+    from phi2sum.config import load_config
+    from phi2sum.train import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train(load_config(world / "cfg.yaml", [f"train.output_dir={world / 'whole'}"])).steps == 6
+    finally:
+        torch.set_num_threads(before)
+    return world / "whole"
+
+
+def test_two_processes_match_one_and_resume_with_one(world, whole, capsys):
     """2 processes train 6 steps (data sharded, gradients averaged, one writer) and match a 1-process run
     with the same rows per step: the loss is normalised by the global summary-token count, so the process
     count does not change the gradient. Then one process resumes the 2-process run from its step-3
     checkpoint and ends with the same adapter again."""
+    from phi2sum.config import load_config
+    from phi2sum.train import train
+
     cfg = str(world / "cfg.yaml")  # batch 4 x grad_accum 2: 8 rows per step
-    whole = launch(1, "train", "--config", cfg, "--set", f"train.output_dir={world / 'whole'}")
-    assert whole.returncode == 0, whole.stderr[-3000:]
     # Two processes with grad_accum 1 take the same 8 rows per step (how users keep the global batch).
     two = launch(2, "train", "--config", cfg, "--set", f"train.output_dir={world / 'split'}", "--set", "train.grad_accum=1")
     assert two.returncode == 0, two.stderr[-3000:]
@@ -68,7 +85,7 @@ def test_two_processes_match_one_and_resume_with_one(world):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
     def same_adapter(run):
-        a, b = adapter(world / run / "adapter_model.safetensors"), adapter(world / "whole" / "adapter_model.safetensors")
+        a, b = adapter(world / run / "adapter_model.safetensors"), adapter(whole / "adapter_model.safetensors")
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
@@ -78,28 +95,29 @@ def test_two_processes_match_one_and_resume_with_one(world):
     # the run's rows per step are kept (grad_accum adapted), so the end is the same adapter.
     shutil.copytree(world / "split", world / "resumed")
     shutil.rmtree(world / "resumed" / "checkpoints" / "step-00000006")
-    resumed = launch(1, "train", "--config", cfg, "--set", f"train.output_dir={world / 'resumed'}", "--resume",
-                     "--set", "train.grad_accum=1")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    said = " ".join((resumed.stdout + resumed.stderr).split())
+    capsys.readouterr()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(cfg, [f"train.output_dir={world / 'resumed'}", "train.grad_accum=1"]), resume=True)
+    finally:
+        torch.set_num_threads(before)
+    said = " ".join(capsys.readouterr().err.split())
     assert "resuming from" in said and "step 3 of 6" in said and "train.grad_accum 1 -> 2" in said
     same_adapter("resumed")
     assert yaml.safe_load((world / "resumed" / "config.yaml").read_text())["train"]["grad_accum"] == 2  # as run
-    # Another batch size would move the data position: refused in one line.
-    odd = launch(1, "train", "--config", cfg, "--set", f"train.output_dir={world / 'resumed'}", "--resume",
-                 "--set", "train.batch_size=2")
-    assert odd.returncode == 2 and "train.batch_size=4" in odd.stdout + odd.stderr
 
 
-def test_eval_split_across_two_processes_returns_every_dialogue_in_order(world):
+def test_eval_split_across_two_processes_returns_every_dialogue_in_order(world, whole):
     """Each process generates half of the test split; the main one gathers, scores and writes. Same
     predictions, same order, same scores as one process (fp32 CPU: batch composition cannot matter)."""
-    run = world / "whole"
-    if not (run / "adapter_config.json").exists():
-        pytest.skip("needs the training test's run")
-    one = launch(1, "eval", "--adapter", str(run), "--compare", "none", "--out", str(world / "ev1"))
-    two = launch(2, "eval", "--adapter", str(run), "--compare", "none", "--out", str(world / "ev2"))
-    assert one.returncode == 0, one.stderr[-3000:]
+    from typer.testing import CliRunner
+
+    from phi2sum.cli import app
+
+    one = CliRunner().invoke(app, ["eval", "--adapter", str(whole), "--compare", "none", "--out", str(world / "ev1")])
+    two = launch(2, "eval", "--adapter", str(whole), "--compare", "none", "--out", str(world / "ev2"))
+    assert one.exit_code == 0, one.output
     assert two.returncode == 0, two.stderr[-3000:]
     assert (two.stdout + two.stderr).count("ROUGE F1 on test") == 1  # only the main process prints the table
     rows = [[json.loads(x) for x in (world / d / "predictions.jsonl").read_text().splitlines()] for d in ("ev1", "ev2")]

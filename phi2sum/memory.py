@@ -1,0 +1,90 @@
+"""Memory planning: before the first training step on a GPU, say what the run will need at its peak and stop
+with the setting to lower if that does not fit, instead of running out of memory at step N.
+
+The peak is measured, not guessed: one forward and backward pass of the widest micro-batch the config allows
+(train.batch_size rows of data.max_length tokens) on the real model, plus the optimizer state the first update
+allocates (AdamW: two fp32 moments per trainable weight; 8-bit AdamW: two bytes). Random state is restored after
+it and the gradients are dropped, so the run itself is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import Phi2sumError
+
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}  # per trainable weight
+HEADROOM = 0.95  # the allocator's fragmentation and the CUDA context take the rest
+
+
+@dataclass
+class Plan:
+    measured_gib: float  # peak allocated over a forward and backward of the widest micro-batch
+    optimizer_gib: float
+    card_gib: float
+    rows: int
+    width: int
+
+    @property
+    def peak_gib(self) -> float:
+        return self.measured_gib + self.optimizer_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib <= HEADROOM * self.card_gib
+
+    def describe(self) -> str:
+        return (f"expected peak {self.peak_gib:.1f} GiB of the card's {self.card_gib:.1f} GiB (a micro-batch of "
+                f"{self.rows} x {self.width} tokens, the widest the config allows, measured: {self.measured_gib:.1f} "
+                f"GiB; optimizer state {self.optimizer_gib:.1f} GiB)")
+
+
+def advice(plan: Plan, t, gradient_checkpointing: bool) -> str:
+    """What to lower, in the order that costs the least."""
+    fixes = []
+    if t.batch_size > 1:
+        fixes.append(f"train.batch_size {t.batch_size} -> {max(1, t.batch_size // 2)} with train.grad_accum "
+                     f"{t.grad_accum} -> {t.grad_accum * 2} (same global batch)")
+    if not gradient_checkpointing:
+        fixes.append("train.gradient_checkpointing: true")
+    fixes.append(f"data.max_length below {plan.width}")
+    return "; or ".join(fixes)
+
+
+def optimizer_gib(trainable: int, optimizer: str) -> float:
+    return trainable * OPTIMIZER_BYTES[optimizer] / 2**30
+
+
+def plan(loss_model, accelerator, pad_id: int, cfg, trainable: int) -> Plan:
+    """Measure the widest micro-batch on the GPU (see the module docstring). Raises Phi2sumError, naming the
+    setting to lower, when it runs out of memory or the expected peak does not fit."""
+    t, device = cfg.train, accelerator.device
+    rows, width = t.batch_size, cfg.data.max_length
+    ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)  # memory does not depend on the ids
+    labels = ids.clone()
+    labels[:, : width // 2] = -100  # summary tokens: the loss reads only these, as in training
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    card = torch.cuda.get_device_properties(device).total_memory / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    oom = False
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            with accelerator.autocast():
+                loss = loss_model(**batch)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            oom = True
+    measured = torch.cuda.max_memory_allocated(device) / 2**30
+    for p in loss_model.parameters():
+        p.grad = None
+    del batch, ids, labels
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    result = Plan(measured if not oom else card, optimizer_gib(trainable, t.optimizer), card, rows, width)
+    if oom or not result.fits:
+        what = ("ran out of memory on" if oom else f"needs about {result.peak_gib:.1f} GiB for") + \
+            f" a micro-batch of {rows} x {width} tokens, the widest the config allows, on a {card:.1f} GiB card"
+        raise Phi2sumError(f"this config {what}: lower {advice(result, t, t.gradient_checkpointing)}")
+    return result

@@ -1,0 +1,196 @@
+"""The pieces of a training step (phi2sum/batches.py, and train's learning-rate schedule), checked on their own:
+each epoch's batches, the collated batch and its padding, and the loss on summary tokens (padding mask, label
+smoothing, NEFTune). Where a setting only matters if train() passes it on, a short run checks that it does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from phi2sum import train as train_mod
+from phi2sum.batches import SummaryLoss, collate, epoch_batches
+from phi2sum.config import load_config
+from phi2sum.train import lr_at, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the short train() runs below (see conftest.ONE_THREAD)
+
+
+def test_epoch_batches_cover_every_row_once_and_repeat_exactly():
+    lengths = np.random.default_rng(0).integers(10, 400, size=203)
+    for group in (False, True):
+        batches = epoch_batches(lengths, 8, seed=3, epoch=0, group=group)
+        rows = np.concatenate(batches)
+        assert sorted(rows.tolist()) == list(range(203))
+        assert [len(b) for b in batches].count(8) == 25 and sorted(len(b) for b in batches)[0] == 3
+        again = epoch_batches(lengths, 8, seed=3, epoch=0, group=group)
+        assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+        other = epoch_batches(lengths, 8, seed=3, epoch=1, group=group)
+        assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+
+    # Grouping puts similar lengths together: much less padding than a random split.
+    def padding(bs):
+        return sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in bs)
+
+    assert padding(epoch_batches(lengths, 8, 3, 0, True)) < 0.5 * padding(epoch_batches(lengths, 8, 3, 0, False))
+
+
+def test_lr_warms_up_then_decays():
+    peak, warmup, total = 1e-3, 4, 20
+    cosine = [lr_at(s, total, peak, warmup, "cosine") for s in range(total)]
+    assert all(a < b for a, b in zip(cosine[:warmup + 1], cosine[1:warmup + 1]))  # rises during warm-up
+    assert cosine[warmup] == pytest.approx(peak)
+    assert all(a > b for a, b in zip(cosine[warmup:], cosine[warmup + 1:]))  # then falls
+    assert cosine[warmup + (total - warmup) // 2] == pytest.approx(peak / 2)  # half way down at mid-point
+    assert lr_at(total, total, peak, warmup, "cosine") == pytest.approx(0, abs=1e-12)
+    assert lr_at(total, total, peak, warmup, "linear") == pytest.approx(0, abs=1e-12)
+    assert lr_at(12, total, peak, warmup, "linear") == pytest.approx(peak / 2)
+    assert lr_at(15, total, peak, warmup, "constant") == peak
+    assert 0 < lr_at(0, total, peak, warmup, "cosine") < peak  # the first step never runs at lr 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Padding and the loss
+
+
+def test_pad_to_multiple_changes_widths_not_the_loss_or_gradients(tiny_model):
+    """train.pad_to_multiple_of rounds each micro-batch's width up; the extra columns are padding (masked, no
+    labels), so the summed loss and every gradient match the unpadded batch."""
+    from transformers import AutoModelForCausalLM
+
+    gen = torch.Generator().manual_seed(3)
+    rows = [(torch.randint(3, 60, (n,), generator=gen).tolist(), n // 2) for n in (11, 7, 9)]
+    assert collate(rows, 0)["input_ids"].shape[1] == 11
+    assert collate(rows, 0, 8)["input_ids"].shape[1] == 16 and collate(rows, 0, 11)["input_ids"].shape[1] == 11
+    assert collate(rows, 0, 8, cap=12)["input_ids"].shape[1] == 12  # never past data.max_length...
+    assert collate(rows, 0, 8, cap=10)["input_ids"].shape[1] == 11  # ...nor shorter than the longest row
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).train()
+    model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    out = []
+    for multiple in (1, 16):
+        model.zero_grad()
+        batch = collate(rows, 0, multiple)
+        assert int(batch["attention_mask"].sum()) == sum(len(ids) for ids, _ in rows)
+        loss = SummaryLoss(model)(**batch)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_and_its_evaluations_pad_to_the_configured_multiple(make_config, monkeypatch):
+    """train.pad_to_multiple_of reaches every batch the loop builds, training and validation alike."""
+    widths = []
+    real_collate = train_mod.collate
+
+    def recording(*args, **kwargs):
+        batch = real_collate(*args, **kwargs)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(train_mod, "collate", recording)
+    cfg = load_config(make_config(train={"pad_to_multiple_of": 64, "max_steps": 3, "eval_every": 3}))
+    train(cfg, overwrite=True)
+    assert len(widths) >= 3 * 2 + 2  # 3 steps x 2 micro-batches, then 8 validation rows in batches of 4
+    assert all(w % 64 == 0 or w == cfg.data.max_length for w in widths)
+
+
+@pytest.mark.parametrize("family", ["phi", "llama"])
+def test_dropping_the_padding_mask_changes_neither_loss_nor_gradients(tiny_model, family):
+    """train.padding_mask: false (the default) leaves the mask out of the model call. Rows are right-padded
+    and attention is causal, so no real token attends to a pad: the summed loss and every gradient equal the
+    masked call's, for Phi-2's family and Llama's (SmolLM2's)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "phi":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    gen = torch.Generator().manual_seed(4)
+    batch = collate([(torch.randint(3, 60, (n,), generator=gen).tolist(), n // 2) for n in (13, 4, 9, 13)], 0, 8)
+    assert batch["input_ids"].shape[1] == 16 and not batch["attention_mask"].all()  # padding is really there
+    out = []
+    for padding_mask in (True, False):
+        model.zero_grad()
+        loss = SummaryLoss(model, padding_mask)(**batch)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A left-padded row would see its pads without the mask: the same batch shifted right changes the loss,
+    # so the equality above is not one the model would give whatever it was passed.
+    shifted = {k: torch.roll(v, 3, dims=1) for k, v in batch.items()}
+    with torch.no_grad():
+        masked, unmasked = (SummaryLoss(model, flag)(**shifted) for flag in (True, False))
+    assert not torch.allclose(masked, unmasked, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("setting,remote_code,want", [(None, False, False), (True, False, True), (None, True, True)])
+def test_train_hands_the_padding_mask_setting_to_its_loss(make_config, monkeypatch, setting, remote_code, want):
+    """The mask stays off unless asked for, or unless the model's code is the hub repo's (not known causal)."""
+    seen = set()
+    real_forward = train_mod.SummaryLoss.forward
+
+    def forward(self, *args, **kwargs):
+        seen.add(self.padding_mask)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.SummaryLoss, "forward", forward)
+    extra = {} if setting is None else {"padding_mask": setting}
+    cfg = load_config(make_config(train={"max_steps": 1, "eval_every": 1, **extra}))
+    cfg.model.trust_remote_code = remote_code
+    train(cfg, overwrite=True)
+    assert seen == {want}
+
+
+def test_label_smoothing_and_neftune_change_the_training_loss_only(tiny_model):
+    """train.label_smoothing: training loss is (1 - e) x CE + e x the mean -log p over the vocabulary, summed over
+    summary tokens; train.neftune_alpha: training embeddings get uniform noise of size alpha / sqrt(L x d) per
+    row. Validation loss (eval mode) is plain cross-entropy with both on."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    gen = torch.Generator().manual_seed(2)
+    batch = collate([(torch.randint(3, 60, (n,), generator=gen).tolist(), n // 2) for n in (13, 7, 10)], 0)
+    plain = SummaryLoss(model).train()
+    with torch.no_grad():
+        ce = plain(**batch)
+        hidden = model.base_model(input_ids=batch["input_ids"])[0]
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        logp = model.get_output_embeddings()(hidden[:, :-1][keep]).float().log_softmax(-1)
+        uniform = -logp.mean(-1).sum()
+        smoothed = SummaryLoss(model, label_smoothing=0.1).train()
+        torch.testing.assert_close(smoothed(**batch), 0.9 * ce + 0.1 * uniform, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(smoothed.eval()(**batch), ce)
+
+        seen = []
+        hook = model.base_model.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("inputs_embeds")),
+                                                          with_kwargs=True)
+        noisy = SummaryLoss(model, neftune_alpha=5.0).train()
+        torch.manual_seed(0)
+        loss = noisy(**batch)
+        torch.testing.assert_close(noisy.eval()(**batch), ce)
+        hook.remove()
+        assert seen[1] is None  # eval mode: token ids, no noise
+        noise = seen[0] - model.get_input_embeddings()(batch["input_ids"])
+        d = noise.shape[-1]
+        for row, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+            bound = 5.0 / (n * d) ** 0.5
+            assert noise[row].abs().max() <= bound * (1 + 1e-5) and noise[row].abs().max() > 0.9 * bound
+        assert not torch.isclose(loss, ce)

@@ -1,0 +1,77 @@
+"""Memory planning before the first step (phi2sum/memory.py), on CPU: the GPU's memory counters are replaced by
+numbers the test chooses, everything else (the model, the widest batch, forward and backward) is real."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phi2sum import memory, modeling
+from phi2sum.batches import SummaryLoss
+from phi2sum.config import Phi2sumError, RunConfig
+
+
+class FakeCard:
+    """torch.cuda's memory counters for a card of `total` GiB whose measured peak is `peak` GiB."""
+
+    def __init__(self, monkeypatch, total: float, peak: float):
+        props = type("Props", (), {"total_memory": int(total * 2**30)})()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: int(peak * 2**30))
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+@pytest.fixture
+def setup(tiny_model):
+    from accelerate import Accelerator
+
+    cfg = RunConfig.model_validate({"model": {"name": str(tiny_model), "quantization": "none"},
+                                    "lora": {"r": 4, "dropout": 0.1},
+                                    "data": {"max_length": 64},
+                                    "train": {"device": "cpu", "batch_size": 4, "grad_accum": 2,
+                                              "gradient_checkpointing": False}})
+    hw = modeling.Hardware(torch.device("cpu"), torch.float32, "cpu")
+    model = modeling.add_lora(modeling.load_base(cfg.model, hw, str(tiny_model), quantize=False), cfg.lora,
+                              cfg.train, False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return cfg, SummaryLoss(model), Accelerator(cpu=True), trainable
+
+
+def test_a_config_that_fits_prints_its_peak_and_leaves_the_run_unchanged(setup, monkeypatch):
+    cfg, loss_model, accelerator, trainable = setup
+    FakeCard(monkeypatch, total=16, peak=9.0)
+    rng = torch.get_rng_state()
+    plan = memory.plan(loss_model, accelerator, 0, cfg, trainable)
+    assert plan.fits and (plan.rows, plan.width) == (4, 64)
+    assert plan.peak_gib == pytest.approx(9.0 + trainable * 8 / 2**30)  # AdamW: two fp32 moments
+    assert "expected peak 9.0 GiB of the card's 16.0 GiB" in plan.describe()
+    assert torch.equal(torch.get_rng_state(), rng)  # LoRA dropout drew random numbers: restored
+    assert all(p.grad is None for p in loss_model.parameters())  # the probe's gradients are gone
+
+
+def test_a_config_that_will_not_fit_stops_naming_what_to_lower(setup, monkeypatch):
+    cfg, loss_model, accelerator, trainable = setup
+    FakeCard(monkeypatch, total=16, peak=15.5)
+    with pytest.raises(Phi2sumError) as err:
+        memory.plan(loss_model, accelerator, 0, cfg, trainable)
+    msg = str(err.value)
+    assert "needs about 15.5 GiB for a micro-batch of 4 x 64 tokens" in msg and "16.0 GiB card" in msg
+    assert "train.batch_size 4 -> 2 with train.grad_accum 2 -> 4" in msg
+    assert "train.gradient_checkpointing: true" in msg and "data.max_length below 64" in msg
+
+
+def test_running_out_of_memory_on_the_widest_batch_is_the_same_clear_stop(setup, monkeypatch):
+    cfg, loss_model, accelerator, trainable = setup
+    FakeCard(monkeypatch, total=16, peak=1.0)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(SummaryLoss, "forward", oom)
+    with pytest.raises(Phi2sumError, match="ran out of memory on a micro-batch of 4 x 64 tokens"):
+        memory.plan(loss_model, accelerator, 0, cfg, trainable)
+
+
+def test_8bit_optimizers_count_two_bytes_a_weight():
+    assert memory.optimizer_gib(2**30, "adamw") == 8 and memory.optimizer_gib(2**30, "paged_adamw_8bit") == 2
