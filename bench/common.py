@@ -74,10 +74,10 @@ def environment() -> dict:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def result_path(question: str, card: str, date: str, suffix: str) -> Path:
-    """bench/results/<question>/<card-slug>-<date><suffix>, e.g. train_speed/nvidia-h200-2026-11-27.json."""
+def result_path(question: str, card: str, date: str, suffix: str, tag: str | None = None) -> Path:
+    """bench/results/<question>/<card-slug>-<date>[-<tag>]<suffix>, e.g. train_speed/nvidia-h200-2026-11-27.json."""
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    return RESULTS / question / f"{slug}-{date}{suffix}"
+    return RESULTS / question / f"{slug}-{date}{'-' + tag if tag else ''}{suffix}"
 
 
 def raw_dir(question: str, card: str, date: str) -> Path:
@@ -86,9 +86,9 @@ def raw_dir(question: str, card: str, date: str) -> Path:
     return path.parent / "raw" / path.name
 
 
-def write_result(question: str, result: dict, table: list[str]) -> Path:
+def write_result(question: str, result: dict, table: list[str], tag: str | None = None) -> Path:
     """Write the JSON and a markdown page (title, command, versions, then `table`) beside it."""
-    path = result_path(question, result["card"], result["date"], ".json")
+    path = result_path(question, result["card"], result["date"], ".json", tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     head = [f"# {question}: {result['card']}, {result['date']}", "",

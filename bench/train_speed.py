@@ -108,7 +108,7 @@ def seed_recipe(model_dir: Path, data: Path, steps: int, warmup: int, work: Path
 
 
 def phi2sum_run(name: str, config: str, model_dir: Path, data: Path, steps: int, warmup: int, work: Path,
-                raw: Path | None = None) -> dict:
+                raw: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
     """One shipped config through exactly what `phi2sum train` runs; its metrics.jsonl and summary.json are
     copied to `raw`."""
     import shutil
@@ -119,7 +119,7 @@ def phi2sum_run(name: str, config: str, model_dir: Path, data: Path, steps: int,
     out = work / "".join(c if c.isalnum() else "-" for c in name)
     cfg = load_config(ROOT / config, [f"model.name={model_dir}", f"data.source={data}", f"train.max_steps={steps}",
                                       f"train.output_dir={out}", f"train.eval_every={FAR}", f"train.save_every={FAR}",
-                                      "train.log_every=1"])
+                                      "train.log_every=1", *extra])
     free_memory()
     train(cfg, overwrite=True)
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -133,7 +133,7 @@ def phi2sum_run(name: str, config: str, model_dir: Path, data: Path, steps: int,
     row = {"name": name, "config": config, "real_tokens_per_s": tps, "peak_allocated_gib": summary["peak_memory_gib"],
            "peak_reserved_gib": summary["peak_reserved_gib"], "steps": summary["steps"], "windows_used": used,
            "windows_dropped": len(per_step) - used, "rows_per_step": cfg.train.batch_size * cfg.train.grad_accum,
-           "max_length": cfg.data.max_length}
+           "max_length": cfg.data.max_length, **({"overrides": list(extra)} if extra else {})}
     free_memory()
     return row
 
@@ -178,6 +178,12 @@ def main():
     ap.add_argument("--longest", nargs="*", default=None, metavar="CONFIG",
                     help="also run these configs (default with no value: p100.yaml and t4.yaml) on rows that all "
                          "reach data.max_length, for the peak memory")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=CONFIG:KEY=VALUE[,KEY=VALUE]",
+                    help="also run a config with --set overrides (a candidate setting, measured beside the shipped "
+                         "file in the same call), e.g. 'a100 32x1=configs/a100.yaml:train.batch_size=32,train.grad_accum=1'")
+    ap.add_argument("--longest-steps", type=int, default=4, help="steps of each --longest run (its peak memory "
+                    "is reached at the first step; every row is data.max_length long)")
+    ap.add_argument("--tag", default=None, help="suffix of the result file name, for a second call on one card and day")
     ap.add_argument("--no-seed", action="store_true", help="skip the seed recipe (no x_seed then)")
     ap.add_argument("--no-warm-up", action="store_true",
                     help="skip the untimed 3-step run of the first config (the first training of a process is slow)")
@@ -196,7 +202,7 @@ def main():
               "model": "Phi-2 shape (PhiForCausalLM, Phi-2's config, random weights)", "path":
               "seed: transformers Trainer as in the seed notebook; configs: phi2sum.train.train, as `phi2sum train`",
               "metric": f"real (non-pad) tokens/s, median of per-step windows after the first {args.warmup_windows}",
-              "runs": []}
+              "runs": [], **({"tag": args.tag} if args.tag else {})}
 
     def record(fn, *a):
         try:
@@ -218,12 +224,22 @@ def main():
     raw = raw_dir("train_speed", result["card"], result["date"])
     for config in configs:
         record(phi2sum_run, Path(config).stem, config, model_dir, args.data, args.steps, args.warmup_windows, args.work, raw)
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        config, _, sets = rest.partition(":")
+        record(phi2sum_run, name, config, model_dir, args.data, args.steps, args.warmup_windows, args.work, raw,
+               tuple(x for x in sets.split(",") if x))
     for config in longest or []:
-        folder, info = longest_rows(args.data, model_dir, config, args.steps, args.work)
-        record(phi2sum_run, f"{Path(config).stem}, longest rows", config, model_dir, folder, args.steps,
-               args.warmup_windows, args.work, raw)
+        folder, info = longest_rows(args.data, model_dir, config, args.longest_steps, args.work)
+        record(phi2sum_run, f"{Path(config).stem}, longest rows", config, model_dir, folder, args.longest_steps,
+               0, args.work, raw)
         result["runs"][-1]["longest_rows"] = info
 
+    report(result)
+
+
+def report(result: dict) -> None:
+    """x_seed for every row, then the JSON and its markdown table."""
     seed = next((r for r in result["runs"] if r["name"] == "seed recipe" and "error" not in r), None)
     for r in result["runs"]:
         if seed and "real_tokens_per_s" in r:
@@ -238,7 +254,7 @@ def main():
         x = f"{r['x_seed']:.2f}" if "x_seed" in r else "-"
         table.append(f"| {r['name']} | {r['config'] or '-'} | {r['real_tokens_per_s']:,.0f} | {x} | "
                      f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['steps']} | {r['windows_used']} |")
-    print(write_result("train_speed", result, table))
+    print(write_result("train_speed", result, table, result.get("tag")))
 
 
 if __name__ == "__main__":
