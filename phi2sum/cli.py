@@ -111,10 +111,14 @@ def prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
             debug: bool = DebugOpt):
     """Load the data, build prompts, tokenize with summary-only labels, cache it and print a report."""
     cfg = _config(config, set_, debug)
+    from . import data
+
     if dry_run:
-        return _dry_run(cfg, f"tokenize {cfg.data.train_split}/{cfg.data.validation_split} of {cfg.data.source} "
-                             f"with the tokenizer of {cfg.model.name} into {cfg.data.cache_dir}")
-    from . import data, modeling
+        d = cfg.data
+        source = " and ".join(dict.fromkeys(d.files.get(s, d.source) for s in (d.train_split, d.validation_split)))
+        return _dry_run(cfg, f"tokenize {d.train_split}/{d.validation_split} of {source} "
+                             f"with the tokenizer of {cfg.model.name} into {data.cache_folder(cfg.data)}")
+    from . import modeling
 
     def go():
         tok = modeling.load_tokenizer(cfg.model)
@@ -212,7 +216,8 @@ def eval_(config: Optional[Path] = ConfigOpt, adapter: Optional[str] = AdapterOp
 
 @app.command()
 def summarize(inputs: list[str] = typer.Argument(..., help="Dialogue text files, folders of .txt files, a "
-                                                 ".jsonl file (one {\"dialogue\": ...} per line), or - for stdin."),
+                                                 ".jsonl file (one {\"dialogue\": ...} per line, or the run's "
+                                                 "data.dialogue_column), or - for stdin."),
               adapter: Optional[str] = AdapterOpt, config: Optional[Path] = ConfigOpt,
               set_: Optional[list[str]] = SetOpt,
               out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write summaries here (JSON lines) "
@@ -310,6 +315,7 @@ def main():
     # Keep library chatter (progress bars of datasets/transformers, advisory warnings) off our output.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own tqdm bars (GGUF loading); ours are rich's
     import warnings
 
     # Deprecation notices from inside transformers/peft/torch are for their developers, not our users.

@@ -6,6 +6,7 @@ here, by the docstring under it; `phi2sum <verb> --dry-run` prints the resolved 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -106,8 +107,10 @@ class DataConfig(_Section):
     stopping at the first one."""
     max_rows: dict[str, int] = {}
     """Use only the first N rows of a split (`train: 200`), for quick runs."""
-    cache_dir: str = "~/.cache/phi2sum/prepared"
-    """Where tokenized datasets are cached, keyed by data config, files and tokenizer."""
+    cache_dir: str | None = None
+    """Where tokenized datasets are cached, keyed by data config, files and tokenizer. Unset: `prepared/` in
+    phi2sum's cache folder, beside converted GGUF models: $PHI2SUM_CACHE, else $XDG_CACHE_HOME/phi2sum, else
+    ~/.cache/phi2sum. Several machines training one run need it on a shared filesystem."""
 
 
 class TrainConfig(_Section):
@@ -285,8 +288,9 @@ class PushConfig(_Section):
     """Hub repo to push to (`user/name`)."""
     private: bool = False
     """Create the repo as private."""
-    license: str = "cc-by-nc-sa-4.0"
-    """License written in the model card; DialogSum's CC BY-NC-SA 4.0 carries over to models trained on it."""
+    license: str | None = None
+    """License written in the model card (a Hub license id, e.g. `mit`). Unset: `cc-by-nc-sa-4.0` for a run on
+    DialogSum (its CC BY-NC-SA 4.0 carries over to models trained on it), else `other`: set your data's license."""
 
 
 class RunConfig(_Section):
@@ -422,6 +426,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def cache_home() -> Path:
+    """phi2sum's cache folder (converted GGUF models, prepared data): $PHI2SUM_CACHE, else the XDG cache folder
+    ($XDG_CACHE_HOME, else ~/.cache) / phi2sum."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(os.environ.get("PHI2SUM_CACHE") or Path(xdg) / "phi2sum").expanduser()
 
 
 def looks_local(name: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from . import runs
-from .config import ConfigError, DataConfig, Phi2sumError
+from .config import ConfigError, DataConfig, Phi2sumError, cache_home
 
 # Bump when the cached format or the tokenization rules change, so old caches are not reused.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 PLAIN_TEMPLATE = "Instruct: {instruction}\n{dialogue}\nOutput:\n"
 SUFFIXES = (".jsonl.gz", ".json.gz", ".csv.gz", ".jsonl", ".json", ".csv", ".parquet")
 # Dialogues this many rows or fewer bad are skipped with a warning; more is an error.
 MAX_BAD_SHARE = 0.05
+PERSON_TAG = re.compile(r"^#Person\d+#:", re.MULTILINE)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,6 +361,17 @@ def cache_key(cfg: DataConfig, tokenizer, splits: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def cache_folder(cfg: DataConfig) -> Path:
+    """Where prepared data is cached: data.cache_dir, else `prepared/` in phi2sum's cache folder."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_home() / "prepared"
+
+
+def person_tags(dialogues: list[str]) -> bool:
+    """Do most dialogues name their speakers DialogSum's way (`#Person1#:`)? `summarize` then rewrites named
+    speakers (`Tom:`) into that form; a model trained on named speakers gets the names as they are."""
+    return sum(bool(PERSON_TAG.search(d)) for d in dialogues) * 2 > len(dialogues)
+
+
 def _percentiles(values: list[int]) -> dict:
     if not values:
         return {}
@@ -408,8 +421,7 @@ def prepare(cfg: DataConfig, tokenizer, progress=None) -> Prepared:
     splits = [cfg.train_split, cfg.validation_split]
     fmt = resolve_format(cfg, tokenizer)
     key = cache_key(cfg, tokenizer, splits)
-    root = Path(cfg.cache_dir).expanduser()
-    final = root / key
+    final = cache_folder(cfg) / key
     if (final / "report.json").is_file():
         try:
             loaded = {s: datasets.load_from_disk(str(final / s)) for s in splits}
@@ -424,6 +436,8 @@ def prepare(cfg: DataConfig, tokenizer, progress=None) -> Prepared:
             if progress:
                 progress(f"tokenizing {split}")
             rows = load_split(cfg, split)
+            if split == cfg.train_split:
+                report["person_tags"] = person_tags(rows.dialogues)
             columns, rep = tokenize_split(cfg, tokenizer, rows, fmt)
             if not columns["input_ids"]:
                 raise ConfigError(f"{rows.origin}: no usable rows after filtering; check data.max_summary_tokens")

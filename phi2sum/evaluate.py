@@ -124,6 +124,7 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
     state = PartialState(cpu=cfg.generation.device == "cpu" or not torch.cuda.is_available())
     main = state.is_main_process
     runs.check_adapter(adapter)  # before the test split is read (or downloaded)
+    runs.check_adapter_config(adapter)
     rows = data_mod.load_split(cfg.data, cfg.data.test_split, merge_duplicates=True)
     n = min(cfg.eval.limit or len(rows.ids), len(rows.ids))
     ids, dialogues, references = rows.ids[:n], rows.dialogues[:n], rows.references[:n]
@@ -143,6 +144,9 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
                "device": loaded.hardware.name, "processes": state.num_processes, "models": {}}
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # An earlier eval's scores go now: an eval stopped halfway must not leave them beside new predictions,
+        # where `push` would publish them as this eval's. metrics.json is written last, when all is scored.
+        (out_dir / "metrics.json").unlink(missing_ok=True)
     with progress(disable=not main) as bar:
         for name, use_adapter in passes:
             if loaded.full and not use_adapter:  # the base is another set of weights: swap it in,

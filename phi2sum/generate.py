@@ -39,6 +39,7 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     """Base model (+ adapter). On CUDA the base is quantized as configured and computes in bf16 (fp16
     without bf16); on CPU it runs unquantized in fp32."""
     runs.check_adapter(adapter)
+    runs.check_adapter_config(adapter)
     hw = modeling.pick_hardware(cfg.generation.device, cfg.generation.precision)
     path = modeling.base_path(cfg.model)
     # The run saved the tokenizer it trained with (chat template, added tokens): prefer it to the base's.

@@ -46,14 +46,29 @@ def hub_model_id(m: ModelConfig) -> str | None:
     return m.name
 
 
+def _names_dialogsum(name: str, file: bool) -> bool:
+    if not file and not looks_local(name):
+        return name == DIALOGSUM
+    # The data folder's own name, or a file's name and its folder's: never a folder further up (a project
+    # folder called phi2-dialogsum holding the user's own chats).
+    path = Path(name).expanduser().resolve()
+    return "dialogsum" in (f"{path.parent.name}/{path.name}" if file else path.name).lower()
+
+
 def is_dialogsum(d) -> bool:
-    """Was the run trained on DialogSum: the hub dataset, or local files in a folder named after it (the
-    shipped slice, ../data/dialogsum) with DialogSum's columns? Anything else is the user's own data."""
-    if d.source == DIALOGSUM and not d.files:
-        return True
-    names = [d.source] + list(d.files.values())
-    columns = (d.dialogue_column, d.summary_column) == ("dialogue", "summary")
-    return columns and all("dialogsum" in str(Path(n).expanduser().resolve()).lower() for n in names)
+    """Was the run trained on DialogSum: every split read from the hub dataset, or from local data named after it
+    (a folder called dialogsum like the shipped slice tests/data/dialogsum, or DialogSum's own
+    `dialogsum.train.jsonl`) with DialogSum's columns? Anything else is the user's own data."""
+    if (d.dialogue_column, d.summary_column) != ("dialogue", "summary"):
+        return False
+    splits = (d.train_split, d.validation_split, d.test_split)
+    return all(_names_dialogsum(d.files[s], True) if s in d.files else _names_dialogsum(d.source, False)
+               for s in splits)
+
+
+def card_license(cfg: RunConfig) -> str:
+    """push.license, else DialogSum's CC BY-NC-SA 4.0 for a run on DialogSum, else `other` (no license named)."""
+    return cfg.push.license or ("cc-by-nc-sa-4.0" if is_dialogsum(cfg.data) else "other")
 
 
 def _dataset_id(d) -> str | None:
@@ -84,8 +99,9 @@ def _local_paths(cfg: RunConfig) -> list[str]:
     """Paths on the training machine that the uploaded config.yaml, summary.json and prepare_report.json name."""
     d = cfg.data
     found = [cfg.model.name] if looks_local(cfg.model.name) or cfg.model.name.endswith(".gguf") else []
-    found += ([d.source] if looks_local(d.source) else []) + list(d.files.values())
-    return found + [cfg.train.output_dir, d.cache_dir]
+    from_source = any(s not in d.files for s in (d.train_split, d.validation_split, d.test_split))
+    found += ([d.source] if from_source and looks_local(d.source) else []) + list(d.files.values())
+    return found + [cfg.train.output_dir] + ([d.cache_dir] if d.cache_dir else [])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,6 +172,9 @@ def _usage(cfg: RunConfig, run_dir: Path, repo_id: str | None, base: str | None)
     marker = "\x00DIALOGUE\x00"
     before, after = data.build_prompt(tok, marker, fmt, cfg.data.instruction).split(marker)
     repo = repo_id or "<user>/<repo>"
+    # Speakers in the form training saw: DialogSum's #Person1#, or names (a run on the user's own chats).
+    example = ("#Person1#: Are you coming tonight?\n#Person2#: Yes, I'll be there at eight."
+               if report.get("person_tags", True) else "Anna: Are you coming tonight?\nBen: Yes, I'll be there at eight.")
     full = runs.is_full_model(run_dir)
     load = ([f"model = AutoModelForCausalLM.from_pretrained({_py_str(repo)}, dtype=\"auto\")"] if full else
             ["from peft import PeftModel",
@@ -168,7 +187,7 @@ def _usage(cfg: RunConfig, run_dir: Path, repo_id: str | None, base: str | None)
              *load,
              f"tok = AutoTokenizer.from_pretrained({_py_str(repo)})",
              "",
-             'dialogue = "#Person1#: Are you coming tonight?\\n#Person2#: Yes, I\'ll be there at eight."',
+             f"dialogue = {_py_str(example)}",
              f"prompt = {_py_str(before)} + dialogue + {_py_str(after)}",
              f"inputs = tok(prompt, return_tensors=\"pt\", add_special_tokens={fmt == 'plain'})",
              f"out = model.generate(**inputs, max_new_tokens={cfg.generation.max_new_tokens}, "
@@ -194,9 +213,10 @@ def model_card(run_dir: Path, cfg: RunConfig, repo_id: str | None, eval_metrics:
     dialogsum = is_dialogsum(cfg.data)
     dataset = _dataset_id(cfg.data)
     data_name = "DialogSum" if dialogsum else (dataset or "custom data")
+    license_id = card_license(cfg)
     metrics = _read_json(eval_metrics) if eval_metrics else None
     title = repo_id.split("/")[1] if repo_id else run_dir.name
-    meta = ModelCardData(base_model=base, library_name="transformers" if full else "peft", license=cfg.push.license,
+    meta = ModelCardData(base_model=base, library_name="transformers" if full else "peft", license=license_id,
                          language=["en"], datasets=[dataset] if dataset else None, metrics=["rouge"],
                          pipeline_tag="text-generation", model_name=title,
                          eval_results=_eval_results(metrics, dataset, data_name),
@@ -207,13 +227,14 @@ def model_card(run_dir: Path, cfg: RunConfig, repo_id: str | None, eval_metrics:
         data_section = ("Trained on DialogSum (Chen et al., 2021, *DialogSum: A Real-Life Scenario Dialogue "
                         "Summarization Dataset*, Findings of ACL-IJCNLP 2021; https://github.com/cylnlp/dialogsum), "
                         f"released under CC BY-NC-SA 4.0. This {'model' if full else 'adapter'} is shared under "
-                        f"`{cfg.push.license}`; the base model keeps its own license.\n\n```bibtex\n{CITATION}\n```\n")
+                        f"`{license_id}`; the base model keeps its own license.\n\n```bibtex\n{CITATION}\n```\n")
     else:
-        source = f"the hub dataset `{dataset}`" if dataset else "the uploader's own data"
-        data_section = (f"Trained on {source} "
-                        f"(dialogue column `{cfg.data.dialogue_column}`, summary column `{cfg.data.summary_column}`). "
-                        f"This {'model' if full else 'adapter'} is shared under `{cfg.push.license}`; check that the "
-                        "data's license allows it. The base model keeps its own license.\n")
+        source = f"the hub dataset `{dataset}`" if dataset else "the uploader's own data (local files), not DialogSum"
+        shared = (f"shared under `{license_id}`" if cfg.push.license else
+                  "shared without a named license (`other`: the uploader set no push.license)")
+        data_section = (f"Trained on {source}: dialogue column `{cfg.data.dialogue_column}`, summary column "
+                        f"`{cfg.data.summary_column}`. This {'model' if full else 'adapter'} is {shared}; check that "
+                        "the data's license allows it. The base model keeps its own license.\n")
     local = ", ".join(f"`{p}`" for p in dict.fromkeys(_local_paths(cfg)))
     body = (f"# {title}\n\n{what} into a dialogue summarizer, fine-tuned on {data_name} with phi2sum "
             f"({'all weights' if full else 'LoRA/QLoRA'}, loss on summary tokens only).\n\n"
@@ -255,6 +276,9 @@ def stage(run_dir: Path, cfg: RunConfig, repo_id: str | None, dest: Path,
     else:
         warn(f"no eval scores at {metrics}: the model card will have no ROUGE table. Run `phi2sum eval` first, "
              "or pass --eval-dir with the folder it wrote")
+    if not cfg.push.license and not is_dialogsum(cfg.data):
+        warn("the model card names no license: the run did not train on DialogSum and push.license is unset; set it "
+             "to your data's and model's terms, e.g. --set push.license=mit")
     (dest / "README.md").write_text(model_card(run_dir, cfg, repo_id, metrics), encoding="utf-8")
     return _listing(dest)
 
@@ -302,6 +326,7 @@ def push(run_dir: Path, cfg: RunConfig, repo_id: str | None, private: bool, revi
     With `dry_run_dir`, only build that folder: no token, no network."""
     run_dir = Path(run_dir)
     runs.require_trained(run_dir, full_ok=True)
+    runs.check_adapter_config(run_dir)
     if repo_id is not None and not REPO_ID.fullmatch(repo_id):
         raise ConfigError(f"repo id {repo_id!r} is not of the form user/name (letters, digits, - _ .); "
                           "e.g. --repo you/phi2-dialogsum")

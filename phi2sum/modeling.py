@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from . import runs
-from .config import ConfigError, LoraSettings, ModelConfig, Phi2sumError, RunConfig, TrainConfig, looks_local
+from .config import (ConfigError, LoraSettings, ModelConfig, Phi2sumError, RunConfig, TrainConfig, cache_home,
+                     looks_local)
 
-# PHI2SUM_CACHE, else the XDG cache folder (~/.cache unless XDG_CACHE_HOME says otherwise).
-CACHE = Path(os.environ.get("PHI2SUM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "phi2sum").expanduser()
+CACHE = cache_home()  # read at import: PHI2SUM_CACHE, else $XDG_CACHE_HOME/phi2sum, else ~/.cache/phi2sum
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,6 +420,7 @@ def merge(run_dir: Path, cfg: RunConfig, out: Path, dtype: str) -> Path:
     not bit-equal with, what `eval` scored."""
     run_dir, out = Path(run_dir), Path(out)
     runs.require_trained(run_dir)  # a full fine-tune has nothing to merge
+    runs.check_adapter_config(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not empty; pick a new folder")
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

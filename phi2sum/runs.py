@@ -67,6 +67,21 @@ def check_adapter(adapter: str | None) -> None:
         raise ConfigError(f"--adapter {adapter}: no such directory, and not a hub id (user/name)")
 
 
+def check_adapter_config(adapter: str | Path | None) -> None:
+    """A local adapter_config.json that PEFT cannot read (cut short, overwritten) is refused before any model
+    loads, instead of failing later as a tokenizer or hub error."""
+    path = Path(adapter) / "adapter_config.json" if adapter is not None else None
+    if path is None or not path.is_file():
+        return
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raw = None
+    if not isinstance(raw, dict) or "peft_type" not in raw:
+        raise ConfigError(f"{path} is not a PEFT adapter config (a JSON object with peft_type); restore it from "
+                          "the run, or pass the output_dir of a finished `phi2sum train`")
+
+
 def require_trained(run: Path, full_ok: bool = False) -> None:
     """`push` and `merge` need a finished run: an adapter (or, where full_ok, a whole model)."""
     if (run / "adapter_config.json").is_file() or (full_ok and is_full_model(run)):
@@ -201,6 +216,9 @@ def check_same_setup(saved: Path, cfg: RunConfig) -> None:
     except ValidationError:  # not a valid config now (a setting since removed): compare as written
         pass
     new = cfg.model_dump(mode="json")
+    for part in (old, new):  # where prepared data is cached changes nothing trained (a new machine has its own)
+        if isinstance(part.get("data"), dict):
+            part["data"] = {k: v for k, v in part["data"].items() if k != "cache_dir"}
     for section in ("model", "lora", "data"):
         if old.get(section) != new[section]:
             raise ConfigError(f"--resume: the {section} settings differ from the run in {saved.parent}; "

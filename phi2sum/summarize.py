@@ -3,10 +3,12 @@
     phi2sum summarize dialog.txt --adapter runs/x
     phi2sum summarize chats/ more.txt --adapter runs/x --out summaries.jsonl
     cat dialog.txt | phi2sum summarize - --adapter runs/x
-    phi2sum summarize corpus.jsonl --adapter runs/x --out summaries.jsonl   (one {"dialogue": ...} per line)
+    phi2sum summarize corpus.jsonl --adapter runs/x --out summaries.jsonl   (one {"dialogue": ...} per line,
+                                                                            or the run's data.dialogue_column)
 
-Speaker lines may be `Tom: hi` or DialogSum's `#Person1#: hi`. Named speakers are renamed #Person1#,
-#Person2#, ... (the form the model was trained on) and the names are put back into the summary. Text files
+Speaker lines may be `Tom: hi` or DialogSum's `#Person1#: hi`. For a model trained on DialogSum's form, named
+speakers are renamed #Person1#, #Person2#, ... and the names are put back into the summary; a model trained on
+named speakers (the run's prepare_report.json says which) gets them as they are. Text files
 may be UTF-8, or UTF-8/16/32 with a byte-order mark.
 
 With --out, each batch's summaries are appended to the file as the batch finishes, one JSON line per dialogue
@@ -54,10 +56,11 @@ def decode_text(blob: bytes, origin: str) -> tuple[str, str]:
     return text.replace("\r\n", "\n").replace("\r", "\n"), encoding.removesuffix("-sig")
 
 
-def normalize(text: str) -> tuple[str, dict[str, str]]:
-    """(#PersonN# dialogue, {"#Person1#": "Tom", ...}). Text already in DialogSum form passes through."""
+def normalize(text: str, rename: bool = True) -> tuple[str, dict[str, str]]:
+    """(#PersonN# dialogue, {"#Person1#": "Tom", ...}). Text already in DialogSum form passes through, and so
+    do named speakers without `rename` (a model trained on named speakers gets them as they are)."""
     lines = [ln.rstrip() for ln in text.strip().splitlines() if ln.strip()]
-    if any(PERSON.match(ln.strip()) for ln in lines):
+    if not rename or any(PERSON.match(ln.strip()) for ln in lines):
         return "\n".join(lines), {}
     names: dict[str, str] = {}
     turns: list[str] = []
@@ -84,8 +87,9 @@ class Item:
     text: str
 
 
-def read_inputs(inputs: list[str]) -> tuple[list[Item], list[str]]:
-    """The dialogues to summarize, and one problem line per input that could not be read (the others go on)."""
+def read_inputs(inputs: list[str], column: str = "dialogue", id_column: str = "id") -> tuple[list[Item], list[str]]:
+    """The dialogues to summarize, and one problem line per input that could not be read (the others go on).
+    A .jsonl file's dialogue is its `column` (the run's data.dialogue_column), else "dialogue"; its id `id_column`."""
     items: list[Item] = []
     problems: list[str] = []
 
@@ -118,7 +122,7 @@ def read_inputs(inputs: list[str]) -> tuple[list[Item], list[str]]:
         elif not path.is_file():
             raise ConfigError(f"{arg} not found; pass a text file, a folder, a .jsonl file or - for stdin")
         elif path.name.endswith(".jsonl"):
-            items += _read_jsonl(path)
+            items += _read_jsonl(path, column, id_column)
         else:
             read(path, str(path))
     seen: set[str] = set()
@@ -129,7 +133,7 @@ def read_inputs(inputs: list[str]) -> tuple[list[Item], list[str]]:
     return items, problems
 
 
-def _read_jsonl(path: Path) -> list[Item]:
+def _read_jsonl(path: Path, column: str, id_column: str) -> list[Item]:
     text, _ = decode_text(path.read_bytes(), str(path))
     items = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -139,11 +143,11 @@ def _read_jsonl(path: Path) -> list[Item]:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        dialogue = row.get("dialogue") if isinstance(row, dict) else None
+        dialogue = row.get(column, row.get("dialogue")) if isinstance(row, dict) else None
         if not isinstance(dialogue, str) or not dialogue.strip():
-            raise ConfigError(f"{path} line {n}: expected a JSON object with a non-empty \"dialogue\"; fix or "
-                              "delete that line")
-        items.append(Item(str(row.get("id", f"{path}:{n}")), f"{path}:{n}", dialogue))
+            raise ConfigError(f"{path} line {n}: expected a JSON object with a non-empty \"{column}\" "
+                              "(data.dialogue_column); fix or delete that line")
+        items.append(Item(str(row.get(id_column, f"{path}:{n}")), f"{path}:{n}", dialogue))
     return items
 
 
@@ -156,6 +160,10 @@ def check_out(out: Path, inputs: list[str]) -> None:
             raise ConfigError(f"--out {out} is one of the inputs ({arg}); write the summaries to another file")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name a file, e.g. {out / 'summaries.jsonl'}")
+    folder = next(p for p in out.parents if p.exists())  # "." at the latest
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write --out {out}: {folder} is a file, not a folder; pick a file in a folder you "
+                          "can write to")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a", encoding="utf-8"):
@@ -181,13 +189,25 @@ def done_ids(out: Path) -> set[str]:
     return ids
 
 
+def _trained_on_person_tags(adapter: str | None) -> bool:
+    """Whether the adapter's training dialogues used DialogSum's `#Person1#:` speakers (what its run's
+    prepare_report.json says; DialogSum's form when nothing says otherwise)."""
+    report = Path(adapter) / "prepare_report.json" if adapter else None
+    if report is None or not report.is_file():
+        return True
+    try:
+        return bool(json.loads(report.read_text(encoding="utf-8")).get("person_tags", True))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None) -> tuple[list[dict], list[str]]:
     """Summaries (printed, or streamed to --out as each batch finishes) and the inputs that failed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would summarize and write everything
         raise ConfigError("summarize runs in one process; start it without accelerate launch / torchrun")
     if out is not None:
         check_out(out, inputs)
-    items, problems = read_inputs(inputs)
+    items, problems = read_inputs(inputs, cfg.data.dialogue_column, cfg.data.id_column)
     skip = done_ids(out) if out is not None else set()
     todo = [it for it in items if it.id not in skip]
     if skip:
@@ -197,7 +217,8 @@ def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None
     results: list[dict] = []
     if not todo:
         return results, problems
-    normalized = [normalize(it.text) for it in todo]
+    rename = _trained_on_person_tags(adapter)
+    normalized = [normalize(it.text, rename) for it in todo]
     loaded = load_for_inference(cfg, adapter)
     fold_adapter(loaded)
     sink = open(out, "a", encoding="utf-8") if out is not None else None

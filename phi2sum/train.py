@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from . import checkpoint, hubsync, memory, modeling, runs, trackers
-from .runs import TrainResult
-from .batches import SummaryLoss, collate, epoch_batches, evaluate_loss, uses_padding_mask
 from . import data as data_mod
+from .batches import SummaryLoss, collate, epoch_batches, evaluate_loss, uses_padding_mask
 from .checkpoint import TrainState
 from .config import ConfigError, Phi2sumError, RunConfig
 from .console import info, progress, warn
+from .runs import TrainResult
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, kind: str) -> float:
@@ -83,6 +83,25 @@ class Setup:
     uploader: hubsync.Uploader | None = None  # train.hub_checkpoints, main process only
 
 
+# What `accelerate launch` sets in each process's environment when its config (or a flag) picks that strategy.
+SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+DDP_ONLY = ("phi2sum trains several GPUs with DDP (one copy of the base per GPU): choose multi-GPU without "
+            "FSDP/DeepSpeed in `accelerate config`, or launch with `accelerate launch --multi_gpu --num_processes N "
+            "-m phi2sum train ...`")
+
+
+def refuse_sharded_launch() -> None:
+    """FSDP, DeepSpeed or Megatron-LM from an accelerate config: one line before anything loads, not an
+    ImportError (DeepSpeed not installed) or a half-sharded model later."""
+    from accelerate.utils import parse_flag_from_env
+
+    picked = [(var, name) for var, name in SHARDED_LAUNCH.items() if parse_flag_from_env(var)]
+    if picked:
+        var, name = picked[0]
+        raise ConfigError(f"accelerate is set up for {name} ({var}=true in the environment); {DDP_ONLY}")
+
+
 def setup(cfg: RunConfig, overwrite: bool, resume: bool) -> Setup:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -95,6 +114,7 @@ def setup(cfg: RunConfig, overwrite: bool, resume: bool) -> Setup:
     hw = modeling.pick_hardware(t.device, t.precision)
     mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(hw.dtype, "no")
     trackers.check(t.report_to)
+    refuse_sharded_launch()
     hub_token = hubsync.token(t) if t.hub_checkpoints else None
     # accelerate keeps one process-wide state; a second train() in the same process (a notebook, a
     # benchmark) with another precision would be refused. The distributed part of the state stays.
@@ -104,9 +124,7 @@ def setup(cfg: RunConfig, overwrite: bool, resume: bool) -> Setup:
     main, world = accelerator.is_main_process, accelerator.num_processes
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
-        raise ConfigError(f"accelerate is set up for {kind}; phi2sum trains several GPUs with DDP (one copy of the "
-                          "base per GPU): choose multi-GPU in `accelerate config`, or launch with "
-                          "--multi_gpu --num_processes N")
+        raise ConfigError(f"accelerate is set up for {kind}; {DDP_ONLY}")
     run = Path(t.output_dir)
     resume = resume or t.resume == "auto"
     lock = None
@@ -405,9 +423,17 @@ def save_checkpoint(s: Setup) -> None:
 
 def save_adapter(s: Setup, dest: Path) -> None:
     if s.accelerator.is_main_process:
-        with runs.replacing_dir(dest) as tmp:
-            s.accelerator.unwrap_model(s.loss_model).model.save_pretrained(str(tmp))
-            s.tokenizer.save_pretrained(str(tmp))
+        try:
+            with runs.replacing_dir(dest) as tmp:
+                s.accelerator.unwrap_model(s.loss_model).model.save_pretrained(str(tmp))
+                s.tokenizer.save_pretrained(str(tmp))
+        except Phi2sumError:
+            raise
+        except Exception as e:  # a full disk, most often (safetensors says so in its own error type)
+            cause = (str(e).strip().splitlines() or [""])[0][:200]
+            raise Phi2sumError(f"could not write the adapter to {dest} ({type(e).__name__}: {cause}); is the disk "
+                               "full? What was there is left as it was: free some space, then continue with "
+                               "--resume") from e
 
 
 def finish(s: Setup, stopped: str, last_loss: float | None, seconds: float) -> TrainResult:
