@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +82,7 @@ def save(run: Path, state: TrainState, model, optimizer, scaler, keep: int) -> P
             (tmp / "manifest.json").write_text(json.dumps({"step": state.step,
                                                            "files": {f: _sha256(tmp / f) for f in files}}))
     except Exception as e:  # a full disk, most often: torch.save says so only as "unexpected pos" (RuntimeError)
-        cause = (str(e).strip().splitlines() or [""])[0][:200]
-        raise Phi2sumError(f"could not write checkpoint {final} ({type(e).__name__}: {cause}); is the disk full? "
-                           "The older checkpoints are intact: free some space, then continue with --resume") from e
+        raise runs.write_error(e, f"checkpoint {final}", "The older checkpoints are intact") from e
     # Newer checkpoints than this one are ones resume skipped as corrupt: never keep them instead of this one.
     newer = [p for p in root.glob(f"{PREFIX}*") if p.name > final.name]
     for old in newer + sorted(p for p in root.glob(f"{PREFIX}*") if p.name <= final.name)[:-keep]:
@@ -146,3 +145,28 @@ def resumed_micro_per_step(saved: TrainState, t, world: int, main: bool) -> int:
         info(f"resuming keeps the run's {saved.micro_per_step} micro-batches of {t.batch_size} rows per step: with "
              f"{world} process(es), train.grad_accum {t.grad_accum} -> {saved.micro_per_step // world}")
     return saved.micro_per_step
+
+
+class StopRequests:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -14,6 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+# What `accelerate launch` sets in each process's environment when its config (or a flag) picks that strategy.
+SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
 class Phi2sumError(Exception):
     """An error a user can fix: the message says what went wrong and what to do about it."""
 
@@ -347,6 +352,12 @@ class RunConfig(_Section):
             out.append(f"train.precision {t.precision} is for GPUs; use fp32 (or auto) on the CPU")
         if cuda and t.device != "cpu" and t.precision == "bf16" and not bf16:
             out.append("this GPU has no bf16 (P100/T4/V100); set train.precision: fp16 (or auto)")
+        if cuda is not None:  # an accelerate config picking a sharded strategy: said before anything loads
+            out += [f"accelerate is set up for {name} ({var}=true in the environment); phi2sum trains several GPUs "
+                    "with DDP (one copy of the base per GPU): choose multi-GPU without FSDP/DeepSpeed in `accelerate "
+                    "config`, or launch with `accelerate launch --multi_gpu --num_processes N -m phi2sum train ...`"
+                    for var, name in SHARDED_LAUNCH.items()
+                    if os.environ.get(var, "").lower() in ("1", "true", "yes", "on")]
         return out
 
 

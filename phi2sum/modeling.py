@@ -439,3 +439,13 @@ def merge(run_dir: Path, cfg: RunConfig, out: Path, dtype: str) -> Path:
         if (run_dir / runs.CONFIG).is_file():
             shutil.copy2(run_dir / runs.CONFIG, tmp / runs.CONFIG)
     return out
+
+
+def make_optimizer(params, t, device_type: str):
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                 fused=device_type == "cuda")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import SECTIONS, ConfigError, RunConfig, looks_local
+from .config import SECTIONS, ConfigError, Phi2sumError, RunConfig, looks_local
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -227,6 +227,13 @@ def check_same_setup(saved: Path, cfg: RunConfig) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Writes that leave the old version or the new one, never half of either
+
+
+def write_error(e: Exception, what: str, kept: str) -> Phi2sumError:
+    """One line for a write that failed, a full disk most often (whose errors rarely say so)."""
+    cause = (str(e).strip().splitlines() or [""])[0][:200]
+    return Phi2sumError(f"could not write {what} ({type(e).__name__}: {cause}); is the disk full? {kept}: free some "
+                        "space, then continue with --resume")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,16 +41,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int, kind: str) -> float:
     if kind == "linear":
         return peak * (1.0 - progress_)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-
-def make_optimizer(params, t, device_type: str):
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                 fused=device_type == "cuda")
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,25 +72,6 @@ class Setup:
     uploader: hubsync.Uploader | None = None  # train.hub_checkpoints, main process only
 
 
-# What `accelerate launch` sets in each process's environment when its config (or a flag) picks that strategy.
-SHARDED_LAUNCH = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                  "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
-DDP_ONLY = ("phi2sum trains several GPUs with DDP (one copy of the base per GPU): choose multi-GPU without "
-            "FSDP/DeepSpeed in `accelerate config`, or launch with `accelerate launch --multi_gpu --num_processes N "
-            "-m phi2sum train ...`")
-
-
-def refuse_sharded_launch() -> None:
-    """FSDP, DeepSpeed or Megatron-LM from an accelerate config: one line before anything loads, not an
-    ImportError (DeepSpeed not installed) or a half-sharded model later."""
-    from accelerate.utils import parse_flag_from_env
-
-    picked = [(var, name) for var, name in SHARDED_LAUNCH.items() if parse_flag_from_env(var)]
-    if picked:
-        var, name = picked[0]
-        raise ConfigError(f"accelerate is set up for {name} ({var}=true in the environment); {DDP_ONLY}")
-
-
 def setup(cfg: RunConfig, overwrite: bool, resume: bool) -> Setup:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -114,7 +84,6 @@ def setup(cfg: RunConfig, overwrite: bool, resume: bool) -> Setup:
     hw = modeling.pick_hardware(t.device, t.precision)
     mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(hw.dtype, "no")
     trackers.check(t.report_to)
-    refuse_sharded_launch()
     hub_token = hubsync.token(t) if t.hub_checkpoints else None
     # accelerate keeps one process-wide state; a second train() in the same process (a notebook, a
     # benchmark) with another precision would be refused. The distributed part of the state stays.
@@ -122,9 +91,6 @@ def setup(cfg: RunConfig, overwrite: bool, resume: bool) -> Setup:
     accelerator = Accelerator(mixed_precision=mixed, cpu=hw.device.type == "cpu", log_with=t.report_to or None,
                               project_dir=str(Path(t.output_dir) / trackers.FOLDER))
     main, world = accelerator.is_main_process, accelerator.num_processes
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
-        raise ConfigError(f"accelerate is set up for {kind}; {DDP_ONLY}")
     run = Path(t.output_dir)
     resume = resume or t.resume == "auto"
     lock = None
@@ -180,7 +146,7 @@ def _build(cfg: RunConfig, accelerator, hw, mixed: str, run: Path, resume: bool,
         elif main:
             warn(f"train.compile needs a CUDA GPU of compute capability 7.0 or newer; running uncompiled on {hw.name}")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, t, accelerator.device.type)
+    optimizer = modeling.make_optimizer(trainable, t, accelerator.device.type)
     loss_model = SummaryLoss(model, uses_padding_mask(cfg), t.label_smoothing, t.neftune_alpha)
     if cfg.model.trust_remote_code and not t.padding_mask and main:
         info("model.trust_remote_code: training passes the padding mask (train.padding_mask is for known-causal models)")
@@ -281,7 +247,7 @@ def loop(s: Setup, overwrite: bool = False, on_step=None) -> TrainResult:
     bar = progress() if main else None
     started = time.perf_counter() - state.seconds
     window_tokens, window_start = 0, time.perf_counter()
-    with _Stop() as stop, (bar or contextlib.nullcontext()):
+    with checkpoint.StopRequests() as stop, (bar or contextlib.nullcontext()):
         task = bar.add_task("train", total=s.total_steps, completed=state.step, stats="") if bar else None
         while state.step < s.total_steps:
             epoch, within = divmod(state.step, s.steps_per_epoch)
@@ -430,10 +396,7 @@ def save_adapter(s: Setup, dest: Path) -> None:
         except Phi2sumError:
             raise
         except Exception as e:  # a full disk, most often (safetensors says so in its own error type)
-            cause = (str(e).strip().splitlines() or [""])[0][:200]
-            raise Phi2sumError(f"could not write the adapter to {dest} ({type(e).__name__}: {cause}); is the disk "
-                               "full? What was there is left as it was: free some space, then continue with "
-                               "--resume") from e
+            raise runs.write_error(e, f"the adapter to {dest}", "What was there is left as it was") from e
 
 
 def finish(s: Setup, stopped: str, last_loss: float | None, seconds: float) -> TrainResult:
@@ -467,28 +430,3 @@ def finish(s: Setup, stopped: str, last_loss: float | None, seconds: float) -> T
     if s.uploader is not None:
         s.uploader.close()  # the last checkpoint reaches the Hub before train() returns (bounded wait)
     return result
-
-
-class _Stop:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.requested = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some test runners): no handlers
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
