@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import runs
-from .config import ConfigError, Phi2sumError
+from .config import ConfigError
 from .console import info, warn
 
 PREFIX = "step-"

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .config import ConfigError, Phi2sumError, RunConfig, load_config, to_yaml
+from .config import Phi2sumError, RunConfig, load_config, to_yaml
 from .console import console, error, info, warn
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,

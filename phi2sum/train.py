@@ -90,7 +90,7 @@ def setup(cfg: RunConfig, overwrite: bool, resume: bool) -> Setup:
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed, cpu=hw.device.type == "cpu", log_with=t.report_to or None,
                               project_dir=str(Path(t.output_dir) / trackers.FOLDER))
-    main, world = accelerator.is_main_process, accelerator.num_processes
+    main = accelerator.is_main_process
     run = Path(t.output_dir)
     resume = resume or t.resume == "auto"
     lock = None

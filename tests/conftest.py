@@ -327,3 +327,22 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 1e-6) -> None:
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def sigkill_when(child, ready, log: Path, timeout: float = 120, poll: float = 0.01) -> None:
+    """Wait until `ready()` while the child process lives, then SIGKILL it; kill it anyway on the way out."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert child.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"the child never got there: {log.read_text()[-2000:]}"
+            time.sleep(poll)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

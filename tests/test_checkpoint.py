@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ONE_THREAD, ROOT, assert_same_tensors, tensors, unwrapped, write_config
+from conftest import ONE_THREAD, ROOT, assert_same_tensors, sigkill_when, tensors, unwrapped, write_config
 from phi2sum import checkpoint, modeling
 from phi2sum.checkpoint import TrainState
 from phi2sum.cli import app
@@ -192,20 +191,9 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, tin
     with open(log, "w") as out:
         child = subprocess.Popen([sys.executable, str(hang), "train", "--config", str(config)], cwd=tmp_path,
                                  env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not writing.exists():
-            assert child.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the child never reached checkpoint 4"
-            time.sleep(0.05)
-        torn = list((run / "checkpoints").glob(".tmp-step-00000004-*"))
-        assert len(torn) == 1 and (torn[0] / "trainable.safetensors").is_file()
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    sigkill_when(child, writing.exists, log)  # the child is inside checkpoint 4's write
+    torn = list((run / "checkpoints").glob(".tmp-step-00000004-*"))
+    assert len(torn) == 1 and (torn[0] / "trainable.safetensors").is_file()
     assert not (run / "checkpoints" / "step-00000004").exists()
     assert checkpoint.latest(run) == run / "checkpoints" / "step-00000002"
 

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ONE_THREAD, SLICE
+from conftest import ONE_THREAD, SLICE, sigkill_when
 from phi2sum import summarize
 from phi2sum.cli import app
 
@@ -57,18 +55,7 @@ def test_a_killed_corpus_run_resumes_and_writes_every_id_exactly_once(trained_ru
     with open(tmp_path / "first.log", "w") as log:
         child = subprocess.Popen([sys.executable, "-m", "phi2sum", *args], cwd=tmp_path, env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out.is_file() and out.stat().st_size):  # the first batch is on disk
-            assert child.poll() is None, (tmp_path / "first.log").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    sigkill_when(child, lambda: out.is_file() and out.stat().st_size > 0, tmp_path / "first.log", poll=0.002)
 
     first = written(out)
     assert 2 <= len(first) < DIALOGUES, len(first)  # killed mid-run, after at least one whole batch
