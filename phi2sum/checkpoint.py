@@ -82,12 +82,21 @@ def save(run: Path, state: TrainState, model, optimizer, scaler, keep: int) -> P
             (tmp / "manifest.json").write_text(json.dumps({"step": state.step,
                                                            "files": {f: _sha256(tmp / f) for f in files}}))
     except Exception as e:  # a full disk, most often: torch.save says so only as "unexpected pos" (RuntimeError)
-        raise runs.write_error(e, f"checkpoint {final}", "The older checkpoints are intact") from e
+        raise runs.write_error(e, f"checkpoint {final}", "The older checkpoints are intact", root,
+                               _bytes(model, optimizer)) from e
     # Newer checkpoints than this one are ones resume skipped as corrupt: never keep them instead of this one.
     newer = [p for p in root.glob(f"{PREFIX}*") if p.name > final.name]
     for old in newer + sorted(p for p in root.glob(f"{PREFIX}*") if p.name <= final.name)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _bytes(model, optimizer) -> int:
+    """About what a checkpoint takes on disk: the trainable weights and the optimizer's state tensors."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor))
+    return weights + state
 
 
 def is_valid(path: Path) -> bool:

@@ -229,11 +229,17 @@ def check_same_setup(saved: Path, cfg: RunConfig) -> None:
 # Writes that leave the old version or the new one, never half of either
 
 
-def write_error(e: Exception, what: str, kept: str) -> Phi2sumError:
-    """One line for a write that failed, a full disk most often (whose errors rarely say so)."""
+def write_error(e: Exception, what: str, kept: str, folder: Path, needed: int) -> Phi2sumError:
+    """One line for a write that failed, a full disk most often (whose errors rarely say so): what, where, the
+    space it needs (`needed` bytes) and the space left."""
     cause = (str(e).strip().splitlines() or [""])[0][:200]
-    return Phi2sumError(f"could not write {what} ({type(e).__name__}: {cause}); is the disk full? {kept}: free some "
-                        "space, then continue with --resume")
+    try:
+        free = f", {shutil.disk_usage(folder).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = ""
+    return Phi2sumError(f"could not write {what} ({type(e).__name__}: {cause}); is the disk full? It needs about "
+                        f"{needed / 2**20:,.0f} MiB in {folder}{free}. {kept}: free some space, then continue "
+                        "with --resume")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -396,7 +396,8 @@ def save_adapter(s: Setup, dest: Path) -> None:
         except Phi2sumError:
             raise
         except Exception as e:  # a full disk, most often (safetensors says so in its own error type)
-            raise runs.write_error(e, f"the adapter to {dest}", "What was there is left as it was") from e
+            raise runs.write_error(e, f"the adapter to {dest}", "What was there is left as it was", dest.parent,
+                                   sum(p.numel() * p.element_size() for p in s.trainable)) from e
 
 
 def finish(s: Setup, stopped: str, last_loss: float | None, seconds: float) -> TrainResult:

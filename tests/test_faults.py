@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -218,6 +219,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(owner, name, error
     assert len(lines) == 1, result.output
     assert "could not write checkpoint" in lines[0] and "step-00000004" in lines[0]
     assert type(error).__name__ in lines[0] and "disk full" in lines[0] and "--resume" in lines[0]
+    assert re.search(r"It needs about [\d,]+ MiB in .*checkpoints, [\d,]+ MiB free", lines[0]), lines[0]
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]  # no partial folder left
     assert checkpoint.is_valid(ckpts / "step-00000002")

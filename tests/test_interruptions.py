@@ -339,6 +339,7 @@ def test_a_full_disk_leaves_what_was_written_before_and_says_where(where, tmp_pa
     assert line.startswith(f"error: could not write {'checkpoint' if 'checkpoint' in where else 'the adapter to'} "
                            f"{folder} (OSError: [Errno 28] No space left on device); is the disk full?"), line
     assert "--resume" in line
+    assert "It needs about " in line and f" MiB in {folder.parent}, " in line and " MiB free" in line, line
     assert checkpoint.latest(run) == run / "checkpoints" / "step-00000002"  # the one before is whole
     assert not [p for p in run.rglob(".tmp-*")]  # no half-written folder left
     if where == "best adapter":  # the best adapter is the one written before, byte for byte
