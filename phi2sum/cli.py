@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .config import Phi2sumError, RunConfig, load_config, to_yaml
+from .config import Phi2sumError, RunConfig, load_config, looks_local, to_yaml
 from .console import console, error, info, warn
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
@@ -98,6 +98,11 @@ def _config(config: Optional[Path], overrides: Optional[list[str]], debug: bool,
             base = read_adapter_base(str(adapter))
             if base:
                 overrides.insert(0, f"model.name={base}")
+            elif not looks_local(str(adapter)) and str(adapter).count("/") == 1:  # a hub id we could not read
+                error(f"cannot read {adapter}'s adapter_config.json from the Hub (offline, or no such repo), so its "
+                      "base model is unknown; download the adapter into a folder and pass that, or name the base "
+                      "with --set model.name=...")
+                raise typer.Exit(2)
     return _run(debug, load_config, config, overrides)
 
 

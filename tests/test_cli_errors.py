@@ -67,6 +67,9 @@ BAD_INPUT = [
     (["summarize", "{missing_file}", "--config", "{config}"], 2, "not found; pass a text file"),
     (["summarize", "{empty_dir}", "--config", "{config}"], 2, "holds no .txt files"),
     (["summarize", "{dialog}", "--out", "{dialog}", "--config", "{config}"], 2, "is one of the inputs"),
+    # A hub adapter id offline: its base model is unknown, and that is what the line says (not a tokenizer error).
+    (["summarize", "{dialog}", "--adapter", "nobody/no-such-adapter"], 2,
+     "cannot read nobody/no-such-adapter's adapter_config.json from the Hub"),
     (["push", "--adapter", "{not_adapter}", "--dry-run", "{out}"], 2, "is not a run directory"),
     (["push", "--adapter", "{missing}", "--repo", "me/run"], 2, "is not a run directory"),
     (["merge", "--adapter", "{not_adapter}", "--out", "{out}"], 2, "is not a run directory"),
