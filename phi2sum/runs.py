@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import SECTIONS, ConfigError, Phi2sumError, RunConfig, looks_local
+from .config import SECTIONS, ConfigError, Phi2sumError, RunConfig, looks_local, to_yaml
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -242,26 +242,23 @@ def write_error(e: Exception, what: str, kept: str, folder: Path, needed: int) -
                         "with --resume")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside the target, then rename: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def copy_atomic(src: Path, dest: Path) -> None:
-    """Copy a file so that `dest` is the old file or the whole new one, never half."""
+def _replace_file(dest: Path, write) -> None:
+    """`write(tmp)` beside `dest`, then rename: a crash leaves the old file or the new one, never half."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
-        shutil.copy2(src, tmp)
+        write(tmp)
         tmp.replace(dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    _replace_file(dest, lambda tmp: shutil.copy2(src, tmp))
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
@@ -295,8 +292,6 @@ def replacing_dir(dest: Path, fsync: bool = False, keep_existing: bool = False):
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from .config import to_yaml
-
     write_text_atomic(path, to_yaml(cfg))
 
 
@@ -306,7 +301,7 @@ def plot_losses(run: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in (run / METRICS).read_text().splitlines() if x.strip()]
     tr = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     ev = [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -166,10 +166,6 @@ def _build(cfg: RunConfig, accelerator, hw, mixed: str, run: Path, resume: bool,
         cfg = cfg.model_copy(update={"train": t})
     elif resume and main and (run / runs.CHECKPOINTS).exists():
         warn(f"no usable checkpoint in {run}/checkpoints; starting from step 0")
-    if accelerator.device.type == "cuda" and t.memory_check:
-        planned = memory.plan(loss_model, accelerator, tokenizer.pad_token_id, cfg, sum(p.numel() for p in trainable))
-        if main:
-            info(planned.describe())
     steps_per_epoch = math.ceil(len(train_rows) / t.batch_size) // state.micro_per_step
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_rows)} training rows make less than one optimizer step of {t.batch_size} x "
@@ -226,6 +222,10 @@ def loop(s: Setup, overwrite: bool = False, on_step=None) -> TrainResult:
             info(f"{run} is already finished ({done.stopped}, {state.step} of {s.total_steps} steps); "
                  "nothing to resume, nothing changed")
         return done
+    if device.type == "cuda" and t.memory_check:  # before the first write: a config that cannot fit changes nothing
+        planned = memory.plan(s.loss_model, accelerator, s.tokenizer.pad_token_id, s.cfg, s.n_trainable)
+        if main:
+            info(planned.describe())
     if main:
         _start_writing(s, overwrite, s.report)
     trackers.start(accelerator, s.cfg, run, state.step)
