@@ -4,6 +4,7 @@ of its samples, and on a GPU the one-token step captured once as a CUDA graph an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -23,10 +24,11 @@ def decode_candidates(loaded, input_ids: torch.Tensor, attention: torch.Tensor, 
     return [rows[k : k + per] for k in range(0, len(rows), per)]
 
 
-def graph_decoding_applies(loaded, gen: GenerationConfig) -> bool:
+def graph_decoding_applies(loaded, gen: GenerationConfig, total: int | None = None) -> bool:
     """Plain greedy decoding or sampling, MBR's samples included (bf16/fp16 or 4-bit), with a transformers
     whose static cache counts its own length on the GPU (5.x): the cases decode_static serves; everything
-    else (beams among them) goes through generate."""
+    else (beams among them) goes through generate. `total` is the batch's prompt width + max_new_tokens:
+    a model with sliding-window layers (Gemma 3, Mistral) qualifies only for batches that fit in its window."""
     from transformers import StaticCache
 
     base = modeling.unwrap_peft(loaded.model)
@@ -45,9 +47,19 @@ def graph_decoding_applies(loaded, gen: GenerationConfig) -> bool:
         layers = StaticCache(config=base.config, max_cache_len=8).layers
     except Exception:  # an older transformers with another StaticCache signature
         return False
-    # Only full-attention layers: a sliding-window layer keeps fewer columns than the loop's mask has.
-    return bool(layers) and all(type(layer).__name__ == "StaticLayer" and hasattr(layer, "cumulative_length")
+    # A sliding-window layer keeps only the window's columns, and once full it rolls them (Python-side state a
+    # replayed graph would not advance). A batch whose prompt and new tokens all fit in the window never
+    # fills it: the layer then writes in place like a full one and every token sees what full attention sees.
+    window = getattr(base.config, "sliding_window", None)
+    fits = bool(window) and total is not None and total <= window
+    return bool(layers) and all(hasattr(layer, "cumulative_length") and
+                                (type(layer).__name__ == "StaticLayer" or (getattr(layer, "is_sliding", False) and fits))
                                 for layer in layers)
+
+
+def decode_attention():
+    """The SDPA backends a one-token decoding step may use (entered around the step's eager run and capture)."""
+    return contextlib.nullcontext()
 
 
 def sampling_scores(logits: torch.Tensor, gen: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,27 +172,36 @@ def decode_static(loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen:
 
     steps, ran = gen.max_new_tokens - 1, 0
     run = step
-    if graph and steps > 1:
-        # The first step runs for real on a side stream (warms kernels and workspaces, as capture requires);
-        # capturing records the second without running it.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        ran = 1
-        captured = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(captured):
-                step()
-            run = captured.replay
-        except torch.OutOfMemoryError:
-            raise  # the caller halves the batch
-        except RuntimeError as e:  # capture records nothing it ran: the state is intact, decode without it
-            warn(f"could not capture the decoding step as a CUDA graph ({str(e).splitlines()[0][:120]}); "
-                 "decoding without it (set generation.cuda_graph: false to skip the attempt)")
+    with decode_attention():
+        run, ran = _capture(step, graph and steps > 1)
     for k in range(ran, steps):
         if k % 8 == 0 and bool(done.all()):  # one host sync every 8 tokens
             break
-        run()
+        with decode_attention():
+            run()
     return list(zip(tokens.cpu().tolist(), logprob.cpu().tolist() if logprobs else [None] * rows))
+
+
+def _capture(step, graph: bool):
+    """(the function that runs one step, steps already run): the captured graph's replay, or `step` itself
+    without a graph or where capture fails."""
+    if not graph:
+        return step, 0
+    # The first step runs for real on a side stream (warms kernels and workspaces, as capture requires);
+    # capturing records the second without running it.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    captured = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(captured):
+            step()
+    except torch.OutOfMemoryError:
+        raise  # the caller halves the batch
+    except RuntimeError as e:  # capture records nothing it ran: the state is intact, decode without it
+        warn(f"could not capture the decoding step as a CUDA graph ({str(e).splitlines()[0][:120]}); "
+             "decoding without it (set generation.cuda_graph: false to skip the attempt)")
+        return step, 1
+    return captured.replay, 1

@@ -223,7 +223,7 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]],
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention[row, width - len(ids) :] = 1
     device = loaded.hardware.device
-    if device.type == "cuda" and graph_decoding_applies(loaded, gen):
+    if device.type == "cuda" and graph_decoding_applies(loaded, gen, total=width + gen.max_new_tokens):
         # The device context: under `accelerate launch` each process's streams and graph belong to its GPU.
         with torch.inference_mode(), torch.cuda.device(device):
             return decode_candidates(loaded, input_ids, attention, gen, graph=True)

@@ -52,6 +52,36 @@ def test_static_cache_greedy_loop_gives_generates_tokens(lm, request):
         assert got[: None if cut is None else cut + 1] == want[: None if cut is None else cut + 1]
 
 
+def gemma_lm(loaded, window: int):
+    """A tiny Gemma 3 (a sliding-window layer, then a full one) with `window`, on `loaded`'s tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = loaded.tokenizer
+    torch.manual_seed(2)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+                           max_position_embeddings=2048, pad_token_id=tok.pad_token_id, initializer_range=1.0,
+                           tie_word_embeddings=False)
+    return replace(loaded, model=Gemma3ForCausalLM(cfg).eval())
+
+
+def test_static_loop_serves_sliding_window_models_within_their_window(random_lm):
+    """Gemma 3's sliding-window layers: a batch whose prompt and new tokens fit in the window decodes in the loop
+    with transformers' greedy tokens; one that does not is left to generate."""
+    gen = GenerationConfig(max_new_tokens=12)
+    ids, mask = padded_batch(random_lm, gen)
+    total = ids.shape[1] + gen.max_new_tokens
+    fitting = replace(gemma_lm(random_lm, window=total), stop_ids=[-1])
+    reference = generate_tokens(fitting, ids, mask, gen)
+    assert [t for t, _ in decode_static(fitting, ids, mask, gen, graph=False)] == reference
+    assert len({tuple(r) for r in reference}) > 1
+    if graph_decoding_applies(random_lm, gen, total):  # this transformers counts cache lengths on the device
+        assert graph_decoding_applies(fitting, gen, total)
+        assert not graph_decoding_applies(fitting, gen, total + 1)
+        assert not graph_decoding_applies(fitting, gen)  # no batch given: no window check possible
+
+
 @pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(temperature=0.5, top_k=5),
                                       dict(temperature=1.3, top_k=0, top_p=0.8), dict(temperature=0.5, top_p=0.6),
                                       dict(temperature=1.0, top_k=1), dict(temperature=2.0, top_k=5, top_p=0.5)])

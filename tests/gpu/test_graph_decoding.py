@@ -1,8 +1,9 @@
 """phi2sum's decoding loop captured as a CUDA graph (phi2sum/decoding.py) on a real GPU: in fp32 with TF32 off, so
-rounding cannot hide a logic error, its greedy tokens are transformers' generate's, for Phi (multi-head) and Llama
-(grouped-query), bare and with a LoRA adapter, on a left-padded batch whose rows stop at different places; its
-samples (MBR's copies, one prefill each) are the eager loop's draws with the same seed; and eval's generate()
-really goes through it. Skipped without a CUDA GPU (tests/conftest.py)."""
+rounding cannot hide a logic error, its greedy tokens are transformers' generate's, for Phi (multi-head), Llama
+(grouped-query) and Gemma 3 (a sliding-window layer, the batch within its window), bare and with a LoRA adapter,
+on a left-padded batch whose rows stop at different places; its samples (MBR's copies, one prefill each) are the
+eager loop's draws with the same seed; and eval's generate() really goes through it. Skipped without a CUDA GPU
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,17 @@ def exact_fp32():
 
 def model(family: str, adapter: bool):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PhiConfig,
+                              PhiForCausalLM)
 
     torch.manual_seed(0)
-    if family == "phi":
+    if family == "gemma3-sliding":  # a sliding-window layer whose window holds the whole batch (59 + 40 tokens)
+        m = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                               head_dim=32, query_pre_attn_scalar=32, sliding_window=100,
+                                               layer_types=["sliding_attention", "full_attention"],
+                                               initializer_range=0.2, tie_word_embeddings=False))
+    elif family == "phi":
         m = PhiForCausalLM(PhiConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                                      num_attention_heads=4, partial_rotary_factor=0.4, initializer_range=0.2))
     else:
@@ -70,7 +78,7 @@ def upto(row: list[int], stop: int) -> list[int]:
 
 
 @pytest.mark.parametrize("adapter", [False, True], ids=["bare", "lora"])
-@pytest.mark.parametrize("family", ["phi", "llama-gqa"])
+@pytest.mark.parametrize("family", ["phi", "llama-gqa", "gemma3-sliding"])
 def test_graph_greedy_tokens_are_generates_and_graph_samples_are_the_eager_loops(family, adapter, capsys):
     m = model(family, adapter)
     hw = Hardware(CUDA, torch.float32, torch.cuda.get_device_name(0))
@@ -80,7 +88,8 @@ def test_graph_greedy_tokens_are_generates_and_graph_samples_are_the_eager_loops
     reference = [c[0][0] for c in generate._generate_padded(endless, PROMPTS, plain)]
     stop = reference[0][10]  # a token row 0 makes mid-way: the rows that make it stop there
     loaded = replace(endless, stop_ids=[stop])
-    assert graph_decoding_applies(loaded, gen)
+    width = max(len(p) for p in PROMPTS)
+    assert graph_decoding_applies(loaded, gen, total=width + gen.max_new_tokens)
     want = [c[0][0] for c in generate._generate_padded(loaded, PROMPTS, plain)]
     got = [c[0][0] for c in generate._generate_padded(loaded, PROMPTS, gen)]  # the captured loop
     assert [upto(r, stop) for r in got] == [upto(r, stop) for r in want]
