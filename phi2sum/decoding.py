@@ -57,9 +57,18 @@ def graph_decoding_applies(loaded, gen: GenerationConfig, total: int | None = No
                                 for layer in layers)
 
 
+# SDPA backends allowed in the one-token decoding step (None: PyTorch's own pick). The step's attention reads
+# each row's whole static cache for a single query.
+DECODE_BACKENDS: list | None = None
+
+
 def decode_attention():
-    """The SDPA backends a one-token decoding step may use (entered around the step's eager run and capture)."""
-    return contextlib.nullcontext()
+    """The SDPA backend choice around the decoding step's eager run and capture (a replay keeps its kernels)."""
+    if not DECODE_BACKENDS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in DECODE_BACKENDS])
 
 
 def sampling_scores(logits: torch.Tensor, gen: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from .config import Phi2sumError
 
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}  # per trainable weight
 HEADROOM = 0.95  # the allocator's fragmentation and the CUDA context take the rest
+OTHERS_MIN_GIB = 2.0  # less than this in use outside our allocator is our own CUDA context and libraries
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Plan:
     card_gib: float
     rows: int
     width: int
+    others_gib: float = 0.0  # held by other processes on the card when the run started
 
     @property
     def peak_gib(self) -> float:
@@ -33,23 +35,27 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.peak_gib <= HEADROOM * self.card_gib
+        return self.peak_gib <= HEADROOM * self.card_gib - self.others_gib
+
+    def card(self) -> str:
+        shared = f", {self.others_gib:.1f} GiB of it held by other processes" if self.others_gib else ""
+        return f"the card's {self.card_gib:.1f} GiB{shared}"
 
     def describe(self) -> str:
-        return (f"expected peak {self.peak_gib:.1f} GiB of the card's {self.card_gib:.1f} GiB (a micro-batch of "
+        return (f"expected peak {self.peak_gib:.1f} GiB of {self.card()} (a micro-batch of "
                 f"{self.rows} x {self.width} tokens, the widest the config allows, measured: {self.measured_gib:.1f} "
                 f"GiB; optimizer state {self.optimizer_gib:.1f} GiB)")
 
 
 def advice(plan: Plan, t, gradient_checkpointing: bool) -> str:
     """What to lower, in the order that costs the least."""
-    fixes = []
+    fixes = [f"free the {plan.others_gib:.1f} GiB other processes hold on the card"] if plan.others_gib else []
     if t.batch_size > 1:
-        fixes.append(f"train.batch_size {t.batch_size} -> {max(1, t.batch_size // 2)} with train.grad_accum "
+        fixes.append(f"lower train.batch_size {t.batch_size} -> {max(1, t.batch_size // 2)} with train.grad_accum "
                      f"{t.grad_accum} -> {t.grad_accum * 2} (same global batch)")
     if not gradient_checkpointing:
-        fixes.append("train.gradient_checkpointing: true")
-    fixes.append(f"data.max_length below {plan.width}")
+        fixes.append("set train.gradient_checkpointing: true")
+    fixes.append(f"lower data.max_length below {plan.width}")
     return "; or ".join(fixes)
 
 
@@ -67,6 +73,11 @@ def plan(loss_model, accelerator, pad_id: int, cfg, trainable: int) -> Plan:
     labels[:, : width // 2] = -100  # summary tokens: the loss reads only these, as in training
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     card = torch.cuda.get_device_properties(device).total_memory / 2**30
+    # Another job on the same card (a second training, a notebook's kernel) leaves this run less than the card:
+    # what is in use beyond this process's own allocator and context.
+    free, total = torch.cuda.mem_get_info(device)
+    others = (total - free - torch.cuda.memory_reserved(device)) / 2**30
+    others = others if others >= OTHERS_MIN_GIB else 0.0
     torch.cuda.reset_peak_memory_stats(device)
     oom = False
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -82,9 +93,10 @@ def plan(loss_model, accelerator, pad_id: int, cfg, trainable: int) -> Plan:
     del batch, ids, labels
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    result = Plan(measured if not oom else card, optimizer_gib(trainable, t.optimizer), card, rows, width)
+    result = Plan(measured if not oom else card, optimizer_gib(trainable, t.optimizer), card, rows, width, others)
     if oom or not result.fits:
+        shared = f" ({others:.1f} GiB of it held by other processes)" if others else ""
         what = ("ran out of memory on" if oom else f"needs about {result.peak_gib:.1f} GiB for") + \
-            f" a micro-batch of {rows} x {width} tokens, the widest the config allows, on a {card:.1f} GiB card"
-        raise Phi2sumError(f"this config {what}: lower {advice(result, t, t.gradient_checkpointing)}")
+            f" a micro-batch of {rows} x {width} tokens, the widest the config allows, on a {card:.1f} GiB card{shared}"
+        raise Phi2sumError(f"this config {what}: {advice(result, t, t.gradient_checkpointing)}")
     return result

@@ -12,11 +12,15 @@ from phi2sum.config import Phi2sumError, RunConfig
 
 
 class FakeCard:
-    """torch.cuda's memory counters for a card of `total` GiB whose measured peak is `peak` GiB."""
+    """torch.cuda's memory counters for a card of `total` GiB whose measured peak is `peak` GiB, with `others` GiB
+    held by other processes (and 0.5 GiB by this process's CUDA context)."""
 
-    def __init__(self, monkeypatch, total: float, peak: float):
+    def __init__(self, monkeypatch, total: float, peak: float, others: float = 0.0):
         props = type("Props", (), {"total_memory": int(total * 2**30)})()
+        free = int((total - others - 0.5) * 2**30)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, int(total * 2**30)))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
         monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: int(peak * 2**30))
         monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -71,6 +75,19 @@ def test_running_out_of_memory_on_the_widest_batch_is_the_same_clear_stop(setup,
     monkeypatch.setattr(SummaryLoss, "forward", oom)
     with pytest.raises(Phi2sumError, match="ran out of memory on a micro-batch of 4 x 64 tokens"):
         memory.plan(loss_model, accelerator, 0, cfg, trainable)
+
+
+def test_memory_other_processes_hold_is_counted_and_named(setup, monkeypatch):
+    """A second job on the card: the same config that fits an empty card stops, saying who holds the memory."""
+    cfg, loss_model, accelerator, trainable = setup
+    FakeCard(monkeypatch, total=16, peak=9.0, others=0.9)  # a context-sized remainder is not another job
+    assert memory.plan(loss_model, accelerator, 0, cfg, trainable).others_gib == 0
+    FakeCard(monkeypatch, total=16, peak=9.0, others=7.5)  # + our 0.5 GiB context: 8.0 in use
+    with pytest.raises(Phi2sumError) as err:
+        memory.plan(loss_model, accelerator, 0, cfg, trainable)
+    msg = str(err.value)
+    assert "16.0 GiB card (8.0 GiB of it held by other processes)" in msg
+    assert ": free the 8.0 GiB other processes hold on the card; or lower train.batch_size 4 -> 2" in msg
 
 
 def test_8bit_optimizers_count_two_bytes_a_weight():
