@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .config import Phi2sumError, RunConfig, load_config, looks_local, to_yaml
+from .config import ConfigError, Phi2sumError, RunConfig, load_config, looks_local, to_yaml
 from .console import console, error, info, warn
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
@@ -66,7 +66,9 @@ def _run(debug: bool, fn, *args, **kwargs):
     except Phi2sumError as e:
         if debug:
             raise
-        error(str(e))
+        # A config or usage error comes from what every process of a launch reads alike: one of them says it.
+        if e.exit_code != ConfigError.exit_code or int(os.environ.get("RANK", "0")) == 0:
+            error(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if debug:
