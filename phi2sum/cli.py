@@ -236,7 +236,10 @@ def summarize(inputs: list[str] = typer.Argument(..., help="Dialogue text files,
         return _dry_run(cfg, f"summarize {', '.join(inputs)} with {adapter or cfg.model.name}")
     from . import summarize as summ
 
-    results, problems = _run(debug, summ.run, cfg, adapter, inputs, out)
+    result = _run(debug, summ.run, cfg, adapter, inputs, out)
+    if result is None:  # under `accelerate launch`, only the main process reports
+        return
+    results, problems = result
     run_on = [r for r in results if r["run_on"]]
     if out is None:
         for r in results:
