@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .config import Phi2sumError, RunConfig, load_config, looks_local, to_yaml
+from .config import ConfigError, Phi2sumError, RunConfig, load_config, looks_local, to_yaml
 from .console import console, error, info, warn
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
@@ -66,7 +66,9 @@ def _run(debug: bool, fn, *args, **kwargs):
     except Phi2sumError as e:
         if debug:
             raise
-        error(str(e))
+        # A config or usage error comes from what every process of a launch reads alike: one of them says it.
+        if e.exit_code != ConfigError.exit_code or int(os.environ.get("RANK", "0")) == 0:
+            error(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if debug:
@@ -234,7 +236,10 @@ def summarize(inputs: list[str] = typer.Argument(..., help="Dialogue text files,
         return _dry_run(cfg, f"summarize {', '.join(inputs)} with {adapter or cfg.model.name}")
     from . import summarize as summ
 
-    results, problems = _run(debug, summ.run, cfg, adapter, inputs, out)
+    result = _run(debug, summ.run, cfg, adapter, inputs, out)
+    if result is None:  # under `accelerate launch`, only the main process reports
+        return
+    results, problems = result
     run_on = [r for r in results if r["run_on"]]
     if out is None:
         for r in results:

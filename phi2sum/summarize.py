@@ -5,6 +5,7 @@
     cat dialog.txt | phi2sum summarize - --adapter runs/x
     phi2sum summarize corpus.jsonl --adapter runs/x --out summaries.jsonl   (one {"dialogue": ...} per line,
                                                                             or the run's data.dialogue_column)
+    accelerate launch -m phi2sum summarize corpus.jsonl --adapter runs/x --out summaries.jsonl   (one per GPU)
 
 Speaker lines may be `Tom: hi` or DialogSum's `#Person1#: hi`. For a model trained on DialogSum's form, named
 speakers are renamed #Person1#, #Person2#, ... and the names are put back into the summary; a model trained on
@@ -15,20 +16,31 @@ With --out, each batch's summaries are appended to the file as the batch finishe
 ({"id", "source", "summary", "run_on"}) in the order they finish (longest dialogues first), not the input
 order: the `id` (a JSON line's own "id", else file:line, or the file name) says which is which. Running the same
 command again skips the ids the file already holds, so a crash or Ctrl-C loses at most the batch in flight.
+
+Under `accelerate launch` or torchrun each process summarizes every n-th dialogue not yet written. With --out,
+process R appends its batches to its own OUT.part-R (one writer per file, so no two lines interleave), and the
+main process appends the parts to OUT, each id once, when every process is done; after a kill the next run does
+that first, so the parts count as written. Without --out the main process prints all summaries, in input order.
+The progress bar follows the main process's share, its rate that process's times the number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError, RunConfig
-from .console import info, progress, warn
+from .console import console, info, progress, warn
 from .generate import fold_adapter, generate, load_for_inference
 from .runs import write_text_atomic
 
@@ -172,21 +184,60 @@ def check_out(out: Path, inputs: list[str]) -> None:
         raise ConfigError(f"cannot write --out {out} ({e.strerror}); pick a file in a folder you can write to") from None
 
 
+def _whole_lines(blob: bytes) -> list[tuple[str, str]]:
+    """(id, line) for each whole JSON line of a summaries file; a line cut short by a kill is left out."""
+    rows = []
+    for line in blob.split(b"\n"):
+        try:
+            rows.append((str(json.loads(line)["id"]), line.decode("utf-8")))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return rows
+
+
 def done_ids(out: Path) -> set[str]:
     """Ids already in --out from an earlier run (a line cut short by a kill is dropped from the file)."""
     if not out.is_file() or out.stat().st_size == 0:
         return set()
-    lines = out.read_bytes().split(b"\n")
-    ids, good = set(), []
-    for line in lines:
-        try:
-            ids.add(str(json.loads(line)["id"]))
-            good.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    if len(good) != len([x for x in lines if x.strip()]):  # a torn last line: keep the whole ones only
-        write_text_atomic(out, "".join(x.decode("utf-8") + "\n" for x in good))
-    return ids
+    blob = out.read_bytes()
+    rows = _whole_lines(blob)
+    whole = "".join(line + "\n" for _, line in rows)
+    # A torn last line (or a whole one that lost its newline, which the next append would run into): rewrite
+    # the file with the whole lines only.
+    if whole.encode("utf-8") != blob:
+        write_text_atomic(out, whole)
+    return {i for i, _ in rows}
+
+
+def part_file(out: Path, rank: int) -> Path:
+    """Where process `rank` of a run of several writes its summaries: each file has one writer, so lines of two
+    processes never interleave (appends to one shared file are not atomic on NFS, nor once a write is split)."""
+    return out.with_name(f"{out.name}.part-{rank}")
+
+
+def merge_parts(out: Path) -> set[str]:
+    """Append the part files of a run of several processes to --out, each id once (a torn line dropped), delete
+    them, and return the ids --out then holds. The main process calls it at the end of such a run, and at the
+    start of every run for what a killed one left; a kill in here leaves the parts, and the next call skips
+    the ids already appended."""
+    done = done_ids(out)
+    parts = [p for p in sorted(out.parent.glob(glob.escape(out.name) + ".part-*"))
+             if p.name.rpartition("-")[2].isdigit()]  # out.part-0, out.part-1, ...: what part_file names
+    if not parts:
+        return done
+    with open(out, "a", encoding="utf-8") as sink:
+        for part in parts:
+            new = []
+            for i, line in _whole_lines(part.read_bytes()):
+                if i not in done:
+                    done.add(i)
+                    new.append(line + "\n")
+            sink.write("".join(new))
+        sink.flush()
+        os.fsync(sink.fileno())
+    for part in parts:
+        part.unlink()
+    return done
 
 
 def _trained_on_person_tags(adapter: str | None) -> bool:
@@ -201,36 +252,55 @@ def _trained_on_person_tags(adapter: str | None) -> bool:
         return True
 
 
-def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None) -> tuple[list[dict], list[str]]:
-    """Summaries (printed, or streamed to --out as each batch finishes) and the inputs that failed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would summarize and write everything
-        raise ConfigError("summarize runs in one process; start it without accelerate launch / torchrun")
+def run(cfg: RunConfig, adapter: str | None, inputs: list[str],
+        out: Path | None) -> tuple[list[dict], list[str]] | None:
+    """Summaries (printed, or streamed to --out as each batch finishes) and the inputs that failed; None on the
+    other processes of a run under accelerate launch / torchrun (the main one reports for all)."""
+    if "-" in inputs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("standard input (-) cannot be split over several processes; save it to a file and pass "
+                          "that, or run one process")
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    # cpu=True: on a machine without CUDA, torchrun/accelerate launch processes still form one group (gloo). The
+    # timeout: the gather at the end waits for the slowest share, on a big corpus longer than the default 10-30 min.
+    state = PartialState(cpu=cfg.generation.device == "cpu" or not torch.cuda.is_available(),
+                         timeout=timedelta(days=1))
+    main, processes = state.is_main_process, state.num_processes
     if out is not None:
         check_out(out, inputs)
-    items, problems = read_inputs(inputs, cfg.data.dialogue_column, cfg.data.id_column)
-    skip = done_ids(out) if out is not None else set()
+    with contextlib.nullcontext() if main else console.capture():  # every process reads them; one says so
+        items, problems = read_inputs(inputs, cfg.data.dialogue_column, cfg.data.id_column)
+    # Only the main process touches --out before the work starts; the others wait here for the ids it holds.
+    [skip] = broadcast_object_list([merge_parts(out) if out is not None and main else set()])
     todo = [it for it in items if it.id not in skip]
-    if skip:
+    if skip and main:
         info(f"{out} already holds {len(items) - len(todo)} of these summaries; summarizing the other {len(todo)}")
-    if not adapter:
+    if not adapter and main:
         warn("no --adapter: the base model summarizes as it is (a base model often continues the dialogue instead)")
     results: list[dict] = []
     if not todo:
-        return results, problems
+        return (results, problems) if main else None
+    # Every process takes every n-th pending dialogue: the same split on each, and alike shares even for a corpus
+    # sorted by length.
+    mine = todo[state.process_index :: processes]
     rename = _trained_on_person_tags(adapter)
-    normalized = [normalize(it.text, rename) for it in todo]
+    normalized = [normalize(it.text, rename) for it in mine]
     loaded = load_for_inference(cfg, adapter)
     fold_adapter(loaded)
-    sink = open(out, "a", encoding="utf-8") if out is not None else None
+    sink = None
+    if out is not None:
+        sink = open(out if processes == 1 else part_file(out, state.process_index), "a", encoding="utf-8")
 
-    with progress() as bar:
-        task = bar.add_task("summarize", total=len(todo), stats="")
+    with progress(disable=not main) as bar:
+        # With several processes the bar follows the main process's share (the shares are alike).
+        task = bar.add_task("summarize", total=len(mine), stats="")
         started = time.perf_counter()
 
         def finished(batch):
             rows = []
             for i, g in batch:
-                it, (_, names) = todo[i], normalized[i]
+                it, (_, names) = mine[i], normalized[i]
                 if g.truncated_input:
                     warn(f"{it.source} is longer than generation.max_input_tokens "
                          f"({cfg.generation.max_input_tokens}); its end was cut before summarizing")
@@ -241,7 +311,7 @@ def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None
                 sink.flush()
                 os.fsync(sink.fileno())
             results.extend(rows)
-            rate = len(results) / (time.perf_counter() - started)
+            rate = len(results) * processes / (time.perf_counter() - started)
             bar.update(task, advance=len(batch), stats=f"{rate:.1f} dialogues/s")
 
         try:
@@ -249,5 +319,10 @@ def run(cfg: RunConfig, adapter: str | None, inputs: list[str], out: Path | None
         finally:
             if sink is not None:
                 sink.close()
+    results = gather_object(results)  # waits for every process to finish its share
+    if not main:
+        return None
+    if out is not None and processes > 1:
+        merge_parts(out)
     order = {it.id: k for k, it in enumerate(todo)}
     return sorted(results, key=lambda r: order[r["id"]]), problems

@@ -4,8 +4,11 @@ real training run shared by the tests that only read it. No downloads, no GPU (t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -329,8 +332,11 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
-def sigkill_when(child, ready, log: Path, timeout: float = 120, poll: float = 0.01) -> None:
-    """Wait until `ready()` while the child process lives, then SIGKILL it; kill it anyway on the way out."""
+def sigkill_when(child, ready, log: Path, timeout: float = 120, poll: float = 0.01, victim=None) -> None:
+    """Wait until `ready()` while the child process lives, then SIGKILL it; kill it anyway on the way out.
+    With `victim`, a function giving the pid of one of the child's own processes (a worker of torchrun), that
+    process is killed instead and the child left to fail on its own; such a child must be started with
+    start_new_session=True, so that the way out can kill its whole group."""
     import signal
     import time
 
@@ -340,9 +346,37 @@ def sigkill_when(child, ready, log: Path, timeout: float = 120, poll: float = 0.
             assert child.poll() is None, log.read_text()
             assert time.monotonic() < deadline, f"the child never got there: {log.read_text()[-2000:]}"
             time.sleep(poll)
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
+        if victim is None:
+            child.send_signal(signal.SIGKILL)
+            assert child.wait(timeout=60) == -signal.SIGKILL
+        else:
+            os.kill(victim(), signal.SIGKILL)
+            assert child.wait(timeout=120) != 0, log.read_text()
     finally:
+        if victim is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)  # the launcher and whatever it started
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:  # torchrun's static rendezvous needs a real port number (0 hangs)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The command that runs `phi2sum ARGS` in `nproc` processes, as users launch it (accelerate launch sets the
+    same environment)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), "-m", "phi2sum", *args]
+
+
+def torchrun_worker(launcher, rank: int) -> int:
+    """The pid of the launched process of that rank (Linux: the launcher's children and their environment)."""
+    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return int(pid)
+    raise AssertionError(f"torchrun has no process of rank {rank}")

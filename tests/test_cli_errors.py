@@ -151,6 +151,15 @@ def test_real_process_exits_2_on_bad_input_and_on_usage_errors(world, tmp_path):
     assert proc.stdout == b""
 
 
+@pytest.mark.parametrize("rank,lines", [("0", 1), ("1", 0)])
+def test_under_a_launch_a_config_error_is_said_by_rank_0_only(world, monkeypatch, rank, lines):
+    """Every process of `accelerate launch` / torchrun reads the same config and fails alike: one line for the
+    person, exit code 2 from each process."""
+    monkeypatch.setenv("RANK", rank)
+    result = runner.invoke(app, expand(["eval", "--config", "{config}", "--set", "eval.limt=3"], world))
+    assert result.exit_code == 2 and len(error_lines(result.output)) == lines, result.output
+
+
 def test_version_and_the_choices_help_lists(tmp_path):
     from importlib.metadata import version
 

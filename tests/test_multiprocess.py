@@ -8,29 +8,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import tiny_config_dict
-
-
-def free_port() -> int:
-    with socket.socket() as s:  # torchrun's static rendezvous needs a real port number (0 hangs)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import tiny_config_dict, torchrun
 
 
 def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           "-m", "phi2sum", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(torchrun(nproc, *args), capture_output=True, text=True, env=env, timeout=300)
 
 
 def adapter(path: Path) -> dict:

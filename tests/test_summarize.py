@@ -260,10 +260,12 @@ def test_summarize_with_a_bare_adapter_folder(trained_run, tmp_path):
     assert len(result.stdout.splitlines()) == 1
 
 
-def test_summarize_under_several_processes_is_refused_in_one_line(tmp_path, monkeypatch):
-    """Under torchrun every process would summarize and write everything: refused before any work."""
-    (tmp_path / "d.txt").write_text("Tom: hi\nAnna: hello\n")
+def test_stdin_under_several_processes_is_refused_in_one_line(monkeypatch):
+    """Under torchrun every process reads the inputs, and standard input cannot be split between them: refused
+    before any work."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = runner.invoke(app, ["summarize", str(tmp_path / "d.txt"), "--set", "model.name=/nonexistent"])
+    result = runner.invoke(app, ["summarize", "-", "--set", "model.name=/nonexistent"], input="Tom: hi\n")
     assert result.exit_code == 2
-    assert "summarize runs in one process" in result.output and "Traceback" not in result.output
+    assert error_lines(result.output) == ["error: standard input (-) cannot be split over several processes; save "
+                                          "it to a file and pass that, or run one process"]
+    assert "Traceback" not in result.output
