@@ -70,8 +70,15 @@ def environment() -> dict:
     import transformers
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    from importlib import metadata
+
+    # 4-bit speed is bitsandbytes' kernels: which matmul it picks per card and batch shape changes between releases.
+    try:
+        bnb = metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        bnb = None
     return {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bnb}
 
 
 def result_path(question: str, card: str, date: str, suffix: str, tag: str | None = None) -> Path:
@@ -93,7 +100,8 @@ def write_result(question: str, result: dict, table: list[str], tag: str | None 
     path.write_text(json.dumps(result, indent=2) + "\n")
     head = [f"# {question}: {result['card']}, {result['date']}", "",
             f"`{result['command']}`", "",
-            f"torch {result.get('torch')}, transformers {result.get('transformers')}, peft {result.get('peft')}.", ""]
+            f"torch {result.get('torch')}, transformers {result.get('transformers')}, peft {result.get('peft')}, "
+            f"bitsandbytes {result.get('bitsandbytes')}.", ""]
     path.with_suffix(".md").write_text("\n".join(head + table) + "\n")
     return path
 

@@ -249,6 +249,12 @@ class GenerationConfig(_Section):
     replayed per token. Greedy tokens equal generate's; samples come from the same distribution but are other
     draws (false: use generate, e.g. to repeat its draws). Beams, penalties, 8-bit models, flash-attention,
     sliding-window models and CPUs always use generate (docs/RESULTS.md, "Generation speed")."""
+    dequantize: bool = True
+    """A 4-bit base (model.quantization: 4bit, on a GPU) is dequantized once into plain layers of the compute dtype
+    (bf16/fp16) when eval and summarize load it, and the adapter then folded in as into an unquantized base: the
+    same weights bitsandbytes dequantizes at every decoding step, at 2 bytes per weight (Phi-2: 5 GB). Skipped,
+    with a warning, where that is more than half the free GPU memory (false: keep the 4-bit layers and their
+    memory saving)."""
     mbr_candidates: int = Field(0, ge=0)
     """Minimum-Bayes-risk selection (0 = off, else 2 or more): generate this many candidate summaries per
     dialogue (beam search's best beams, raising num_beams to at least this many; or, with do_sample,

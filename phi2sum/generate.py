@@ -37,7 +37,7 @@ class Loaded:
 
 def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     """Base model (+ adapter). On CUDA the base is quantized as configured and computes in bf16 (fp16
-    without bf16); on CPU it runs unquantized in fp32."""
+    without bf16), a 4-bit one then dequantized (generation.dequantize); on CPU it runs unquantized in fp32."""
     runs.check_adapter(adapter)
     runs.check_adapter_config(adapter)
     hw = modeling.pick_hardware(cfg.generation.device, cfg.generation.precision)
@@ -51,6 +51,11 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
         model = modeling.load_base(cfg.model, hw, adapter, quantize=False)
     else:
         model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
+    if cfg.generation.dequantize:
+        # Here, before the adapter loads, rather than at fold time: PEFT then wraps plain layers, which fold_adapter
+        # folds into as into an unquantized base, and eval's base pass (adapter off, before the fold) already runs
+        # on the same dequantized weights.
+        modeling.dequantize_4bit(model)
     if adapter and not full:
         try:
             model = modeling.load_adapter(model, adapter)
@@ -69,8 +74,10 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
 def fold_adapter(loaded: Loaded) -> bool:
     """Fold the LoRA weights into an unquantized base for generation: the same model up to rounding in the
     compute dtype, with no adapter matmuls left at each decoding step. Cannot be undone exactly (bf16/fp16
-    rounding), so a pass with the adapter switched off must run before it. 4-bit and 8-bit bases keep the
-    adapter beside them (their weights cannot absorb it). Returns whether it folded."""
+    rounding), so a pass with the adapter switched off must run before it. A 4-bit base arrives dequantized
+    (load_for_inference) and folds too; an 8-bit base, or a 4-bit one kept 4-bit (generation.dequantize: false,
+    or too little GPU memory), keeps the adapter beside it (its weights cannot absorb it). Returns whether it
+    folded."""
     base = modeling.unwrap_peft(loaded.model)
     quantized = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
     if not loaded.adapter or loaded.full or quantized or not hasattr(loaded.model, "merge_adapter"):

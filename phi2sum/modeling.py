@@ -6,6 +6,7 @@ the same tokenizer and the same precision rules.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -273,6 +274,63 @@ def fuse_gelu(model) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, ACT2FN["gelu_pytorch_tanh"])
     return len(swaps)
+
+
+# Dequantizing a 4-bit base may take at most this share of the GPU memory free at the time: the rest stays for
+# the KV cache and activations that generation's batch settings were sized for.
+DEQUANTIZE_SHARE = 0.5
+
+
+def gpu_free_bytes(device: torch.device) -> int | None:
+    """Memory free on a CUDA device (the driver's count: other processes' use included); None off the GPU."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def dequantize_4bit(model) -> bool:
+    """Replace each bitsandbytes 4-bit linear layer (NF4 or FP4) of a loaded model, in place, with a torch Linear
+    holding its dequantized weight in the dtype the model was loaded in (its compute dtype: bf16/fp16 on a GPU).
+    Those are the values bitsandbytes multiplies by, dequantizing at every call, so the model is the same up to
+    float rounding. Call it before an adapter loads: PEFT picks its LoRA layer by the base layer's type, and only
+    on a plain layer does merging add the adapter to the weights (on a 4-bit one it re-quantizes the sum).
+    It costs 2 bytes per weight in bf16/fp16: on a GPU, where that is more than DEQUANTIZE_SHARE of the free
+    memory, the model stays 4-bit (with a warning). 8-bit bases are left as they are. Returns whether it
+    dequantized."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return False
+    import bitsandbytes as bnb
+
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    if not layers:
+        return False
+    first = next(iter(layers.values())).weight
+    dtype, device = first.quant_state.dtype, first.device
+    need = sum(layer.in_features * layer.out_features for layer in layers.values()) * dtype.itemsize
+    free = gpu_free_bytes(device)
+    if free is not None and need > DEQUANTIZE_SHARE * free:
+        from .console import warn
+
+        warn(f"generating with the 4-bit base as it is (bitsandbytes dequantizes each weight at every step): its "
+             f"{str(dtype).removeprefix('torch.')} copy would take {need / 2**30:.1f} GiB, more than "
+             f"{DEQUANTIZE_SHARE:.0%} of the {free / 2**30:.1f} GiB of GPU memory free; set generation.dequantize: "
+             f"false to keep 4-bit without this warning")
+        return False
+    for name, layer in layers.items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state),
+                                     requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+        model.set_submodule(name, linear)
+    # Without the quantization flags the model is a plain one to transformers (model.to() works again), PEFT and
+    # fold_adapter.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.is_loaded_in_4bit = False
+    if device.type == "cuda":
+        del layers, layer, first
+        gc.collect()  # a 4-bit weight and its layer refer to each other: only the collector frees them
+        torch.cuda.empty_cache()  # and their blocks are too small for generation's KV caches: back to the card
+    return True
 
 
 def add_lora(model, lora: LoraSettings, t: TrainConfig, quantized: bool):
