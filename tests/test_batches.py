@@ -13,7 +13,7 @@ from phi2sum import modeling
 from phi2sum import train as train_mod
 from phi2sum.batches import (SummaryLoss, collate, collate_packed, epoch_batches, epoch_packs, packed_micro_batches,
                               sequence_lengths)
-from phi2sum.config import load_config
+from phi2sum.config import ConfigError, load_config
 from phi2sum.train import lr_at, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the short train() runs below (see conftest.ONE_THREAD)
@@ -276,3 +276,45 @@ def test_a_packed_batch_has_the_loss_and_gradients_of_its_dialogues_unpacked(fam
         if family == "gemma3":  # and the window matters: without it the padded loss is another
             model.base_model.model.config.sliding_window = 64
             assert not torch.allclose(SummaryLoss(model)(**collate(d, 0)), out[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_train_packs_rows_counts_real_tokens_and_says_dialogues_per_step(make_config, monkeypatch, capsys):
+    """With train.packing every training micro-batch is batch_size x data.max_length, each dialogue is trained on at
+    most once per epoch, the position ids reach the model, the throughput count is the real (non-pad) tokens, and
+    the run says about how many dialogues a step holds. Validation batches stay padded."""
+    batches, positions = [], []
+    real_collate_packed, real_forward = train_mod.collate_packed, train_mod.SummaryLoss.forward
+
+    def recording(*args, **kwargs):
+        batches.append(real_collate_packed(*args, **kwargs))
+        return batches[-1]
+
+    def forward(self, *args, position_ids=None, **kwargs):
+        positions.append(position_ids is not None)
+        return real_forward(self, *args, position_ids=position_ids, **kwargs)
+
+    monkeypatch.setattr(train_mod, "collate_packed", recording)
+    monkeypatch.setattr(train_mod.SummaryLoss, "forward", forward)
+    cfg = load_config(make_config(data={"max_length": 1024},
+                                  train={"packing": True, "batch_size": 2, "max_steps": 3, "eval_every": 3}))
+    result = train(cfg, overwrite=True)
+    assert len(batches) == 3 * 2 and all(b["input_ids"].shape == (2, 1024) for b in batches)
+    assert positions == [True] * 6 + [False] * 4  # 3 steps x 2 micro-batches, then 8 validation rows, 2 a batch
+    dialogues = []
+    for b in batches:
+        for ids, pos, real in zip(b["input_ids"], b["position_ids"], b["attention_mask"]):
+            n = int(real.sum())
+            assert real[:n].all() and not real[n:].any()  # the dialogues, then only pads
+            starts = (pos[:n] == 0).nonzero().flatten().tolist() + [n]
+            dialogues += [tuple(ids[a:z].tolist()) for a, z in zip(starts, starts[1:])]
+    assert len(dialogues) == len(set(dialogues)) > 2 * len(batches)  # each once, more than two to a row
+    assert result.real_tokens == sum(len(d) for d in dialogues)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "3 steps x 4 packed rows of 1024 tokens (about 11 dialogues)" in said, said
+
+
+def test_too_little_data_for_one_packed_step_says_so(make_config):
+    cfg = load_config(make_config(data={"max_length": 1024}, train={"packing": True, "batch_size": 16}))
+    with pytest.raises(ConfigError, match=r"47 training rows \(\d+ tokens\) make less than one optimizer step of "
+                                          r"16 x 2 x 1 packed rows of 1024 tokens; lower batch_size or grad_accum"):
+        train(cfg, overwrite=True)
