@@ -8,8 +8,11 @@ recipe, then each config through the function `phi2sum train` calls (load_config
 model (a Phi-2-shaped checkpoint with random weights, see bench/common.py), the data, the step count, the run
 folder, per-step logging, and evaluation/saving pushed past the last step. real_tokens_per_s is the median of
 the per-step windows after the first --warmup-windows (compilation, allocator growth); x_seed compares with the
-seed row of the same call. --longest adds a row per 16 GB config on rows that all reach data.max_length: the
-memory bound a P100/T4 must hold. Writes bench/results/train_speed/<card>-<date>.json and .md; run folders go
+seed row of the same call; real_tokens_per_step says how much data a step took (with train.packing, batch_size
+counts packed rows of data.max_length tokens, not dialogues). --variant measures a setting beside the shipped
+files, e.g. packing at about the shipped dialogues per step:
+--variant "a100 packed 8x1=configs/a100.yaml:train.packing=true,train.batch_size=8,train.grad_accum=1".
+--longest adds a row per 16 GB config on rows that all reach data.max_length: the memory bound a P100/T4 must hold. Writes bench/results/train_speed/<card>-<date>.json and .md; run folders go
 to --work, their logs to bench/results/train_speed/raw/ (not in git).
 """
 
@@ -133,6 +136,7 @@ def phi2sum_run(name: str, config: str, model_dir: Path, data: Path, steps: int,
     row = {"name": name, "config": config, "real_tokens_per_s": tps, "peak_allocated_gib": summary["peak_memory_gib"],
            "peak_reserved_gib": summary["peak_reserved_gib"], "steps": summary["steps"], "windows_used": used,
            "windows_dropped": len(per_step) - used, "rows_per_step": cfg.train.batch_size * cfg.train.grad_accum,
+           "packing": cfg.train.packing, "real_tokens_per_step": summary["real_tokens"] / max(1, summary["steps"]),
            "max_length": cfg.data.max_length, **({"overrides": list(extra)} if extra else {})}
     free_memory()
     return row
@@ -245,14 +249,16 @@ def report(result: dict) -> None:
         if seed and "real_tokens_per_s" in r:
             r["x_seed"] = r["real_tokens_per_s"] / seed["real_tokens_per_s"]
     table = [result["metric"] + "; x seed: against the seed row of this call.", "",
-             "| run | config | real tokens/s | x seed | peak allocated GiB | peak reserved GiB | steps | windows used |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| run | config | real tokens/s | x seed | real tokens/step | peak allocated GiB | peak reserved GiB | steps "
+             "| windows used |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["runs"]:
         if "error" in r:
-            table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |")
+            table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | | |")
             continue
         x = f"{r['x_seed']:.2f}" if "x_seed" in r else "-"
-        table.append(f"| {r['name']} | {r['config'] or '-'} | {r['real_tokens_per_s']:,.0f} | {x} | "
+        per_step = f"{r['real_tokens_per_step']:,.0f}" if "real_tokens_per_step" in r else "-"
+        table.append(f"| {r['name']} | {r['config'] or '-'} | {r['real_tokens_per_s']:,.0f} | {x} | {per_step} | "
                      f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['steps']} | {r['windows_used']} |")
     print(write_result("train_speed", result, table, result.get("tag")))
 

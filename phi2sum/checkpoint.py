@@ -34,6 +34,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken, skipped ones included: the data position is a function of it
     micro_per_step: int = 1  # micro-batches per optimizer step over all processes (kept on resume)
     batch_size: int = 1
+    packing: bool = False  # train.packing: batches of packed rows, another order; kept on resume like batch_size
     real_tokens: int = 0  # non-padding tokens trained on
     seconds: float = 0.0
     best_eval_loss: float | None = None
@@ -136,12 +137,16 @@ def load(path: Path, model, optimizer, scaler, fresh: TrainState) -> TrainState:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return fresh.updated(json.loads((path / "trainer.json").read_text()))
+    saved = json.loads((path / "trainer.json").read_text())
+    saved.setdefault("packing", False)  # written before train.packing existed: an unpacked run
+    return fresh.updated(saved)
 
 
 def resumed_micro_per_step(saved: TrainState, t, world: int, main: bool) -> int:
     """A resumed run keeps its global batch whatever the process count now: the data position is the
     step number, so rows per step must not change. grad_accum is adapted where it divides."""
+    if saved.packing != t.packing:
+        raise ConfigError(f"--resume: the run used train.packing={str(saved.packing).lower()}; resume with that value")
     if saved.batch_size != t.batch_size:
         raise ConfigError(f"--resume: the run used train.batch_size={saved.batch_size}; resume with that value")
     if saved.micro_per_step == t.grad_accum * world:

@@ -200,6 +200,16 @@ class TrainConfig(_Section):
                             "swanlab"]] = []
     """Experiment trackers (through accelerate) that get the metrics.jsonl rows and the resolved config, and the
     ROUGE of `phi2sum eval`; TensorBoard writes to output_dir/trackers."""
+    packing: bool = False
+    """Fill each training row of data.max_length tokens with whole dialogues end to end instead of one padded
+    dialogue per row: almost no padding, and every micro-batch has one shape (batch_size x data.max_length, what the
+    memory check measures). batch_size then counts packed rows; a row holds about max_length / the mean dialogue
+    length (DialogSum, Phi-2's tokenizer: about 4 in 1,024 tokens; `phi2sum train` prints the dialogues per step), so
+    batch_size 8 x grad_accum 1 packed takes about the dialogues per step of 16 x 2 padded. Positions restart at 0
+    for each dialogue and attention stays inside it (transformers' packed-sequence masks, built from the position
+    ids: transformers 5, or 4.57+ with torch 2.6+), so the loss is the unpacked loss. Each epoch's rows are a function
+    of seed and epoch (resume is exact); rows past its last whole optimizer step (about 1%) wait for the next epoch's
+    shuffle. group_by_length and pad_to_multiple_of then shape only the (padded) validation batches."""
     compile: bool = False
     """torch.compile each transformer block (CUDA GPUs of compute capability 7.0+; elsewhere a warning and
     eager): fused kernels and fewer launches. One compilation serves all blocks and sequence lengths and
@@ -338,6 +348,9 @@ class RunConfig(_Section):
                        "set model.quantization: none")
         if self.lora.use_dora and m.quantization == "8bit":
             out.append("DoRA is not supported on 8-bit weights; use model.quantization: 4bit or none")
+        if t.packing and m.trust_remote_code:
+            out.append("train.packing relies on transformers' own model code to keep packed dialogues apart; "
+                       "model.trust_remote_code runs the hub repo's code instead: set train.packing: false")
         if g.do_sample and g.num_beams > 1:
             out.append("generation.do_sample and num_beams > 1 do not mix; pick one")
         if g.mbr_candidates == 1:
@@ -358,6 +371,8 @@ class RunConfig(_Section):
             out.append(f"train.precision {t.precision} is for GPUs; use fp32 (or auto) on the CPU")
         if cuda and t.device != "cpu" and t.precision == "bf16" and not bf16:
             out.append("this GPU has no bf16 (P100/T4/V100); set train.precision: fp16 (or auto)")
+        if cuda is not None and t.packing and (why := packing_unsupported()):
+            out.append(why)
         if cuda is not None:  # an accelerate config picking a sharded strategy: said before anything loads
             out += [f"accelerate is set up for {name} ({var}=true in the environment); phi2sum trains several GPUs "
                     "with DDP (one copy of the base per GPU): choose multi-GPU without FSDP/DeepSpeed in `accelerate "
@@ -365,6 +380,25 @@ class RunConfig(_Section):
                     for var, name in SHARDED_LAUNCH.items()
                     if os.environ.get(var, "").lower() in ("1", "true", "yes", "on")]
         return out
+
+
+def packing_unsupported() -> str | None:
+    """Why the installed transformers cannot keep packed dialogues apart (train.packing), or None. Its masks find
+    the dialogues from restarting position ids (masking_utils.find_packed_sequence_indices); transformers 4.x applies
+    that only with torch 2.6+, and on older torch silently lets every token of a row see the dialogues before it."""
+    import torch
+    import transformers
+    from packaging.version import Version
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        return (f"train.packing needs transformers' packed-sequence masks, which transformers "
+                f"{transformers.__version__} lacks: pip install -U 'transformers>=4.57', or set train.packing: false")
+    if Version(transformers.__version__).major < 5 and Version(str(torch.__version__)).release[:2] < (2, 6):
+        return (f"train.packing needs torch 2.6+ with transformers {transformers.__version__} (older torch gets no "
+                "packed-sequence mask: dialogues would see each other): pip install -U 'torch>=2.6' or "
+                "'transformers>=5', or set train.packing: false")
+    return None
 
 
 SECTIONS = tuple(RunConfig.model_fields)

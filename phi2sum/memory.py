@@ -2,9 +2,10 @@
 with the setting to lower if that does not fit, instead of running out of memory at step N.
 
 The peak is measured, not guessed: one forward and backward pass of the widest micro-batch the config allows
-(train.batch_size rows of data.max_length tokens) on the real model, plus the optimizer state the first update
-allocates (AdamW: two fp32 moments per trainable weight; 8-bit AdamW: two bytes). Random state is restored after
-it and the gradients are dropped, so the run itself is unchanged.
+(train.batch_size rows of data.max_length tokens; with train.packing every micro-batch is that, its rows packed)
+on the real model, plus the optimizer state the first update allocates (AdamW: two fp32 moments per trainable
+weight; 8-bit AdamW: two bytes). Random state is restored after it and the gradients are dropped, so the run
+itself is unchanged.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def plan(loss_model, accelerator, pad_id: int, cfg, trainable: int) -> Plan:
     labels = ids.clone()
     labels[:, : width // 2] = -100  # summary tokens: the loss reads only these, as in training
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if t.packing:  # packed rows: the attention goes through the block-diagonal mask, as in training
+        batch["position_ids"] = torch.arange(width, device=device).remainder(max(1, width // 4)).expand(rows, -1)
     card = torch.cuda.get_device_properties(device).total_memory / 2**30
     # Another job on the same card (a second training, a notebook's kernel) leaves this run less than the card:
     # what is in use beyond this process's own allocator and context.

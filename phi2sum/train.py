@@ -25,7 +25,8 @@ from torch import nn
 
 from . import checkpoint, hubsync, memory, modeling, runs, trackers
 from . import data as data_mod
-from .batches import SummaryLoss, collate, epoch_batches, evaluate_loss, uses_padding_mask
+from .batches import (SummaryLoss, collate, collate_packed, epoch_batches, epoch_packs, evaluate_loss,
+                      packed_micro_batches, uses_padding_mask)
 from .checkpoint import TrainState
 from .config import ConfigError, Phi2sumError, RunConfig
 from .console import info, progress, warn
@@ -152,7 +153,7 @@ def _build(cfg: RunConfig, accelerator, hw, mixed: str, run: Path, resume: bool,
         info("model.trust_remote_code: training passes the padding mask (train.padding_mask is for known-causal models)")
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
-    state = TrainState(micro_per_step=t.grad_accum * world, batch_size=t.batch_size)
+    state = TrainState(micro_per_step=t.grad_accum * world, batch_size=t.batch_size, packing=t.packing)
     if resume and hub_token:  # a fresh machine: the newest valid checkpoint comes back from the Hub
         if main:
             hubsync.pull(t, run, hub_token)
@@ -166,13 +167,20 @@ def _build(cfg: RunConfig, accelerator, hw, mixed: str, run: Path, resume: bool,
         cfg = cfg.model_copy(update={"train": t})
     elif resume and main and (run / runs.CHECKPOINTS).exists():
         warn(f"no usable checkpoint in {run}/checkpoints; starting from step 0")
-    steps_per_epoch = math.ceil(len(train_rows) / t.batch_size) // state.micro_per_step
+    lengths = np.array([len(ids) for ids, _ in train_rows])
+    if t.packing:
+        micro_batches = packed_micro_batches(lengths, t.batch_size, cfg.data.max_length)
+    else:
+        micro_batches = math.ceil(len(train_rows) / t.batch_size)
+    steps_per_epoch = micro_batches // state.micro_per_step
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_rows)} training rows make less than one optimizer step of {t.batch_size} x "
-                          f"{state.micro_per_step // world} x {world} rows; lower batch_size or grad_accum")
+        what = f"packed rows of {cfg.data.max_length} tokens" if t.packing else "rows"
+        raise ConfigError(f"{len(train_rows)} training rows ({int(lengths.sum())} tokens) make less than one optimizer "
+                          f"step of {t.batch_size} x {state.micro_per_step // world} x {world} {what}; lower "
+                          "batch_size or grad_accum")
     total_steps = t.max_steps or max(1, int(round(t.epochs * steps_per_epoch)))
     return Setup(cfg, run, accelerator, hw, mixed if mixed != "no" else "fp32", tokenizer, train_rows, val_rows,
-                 np.array([len(ids) for ids, _ in train_rows]), loss_model, optimizer, trainable,
+                 lengths, loss_model, optimizer, trainable,
                  sum(p.numel() for p in trainable), state, total_steps, steps_per_epoch, base, ckpt,
                  prepared.report, lock, hubsync.Uploader(t.hub_checkpoints, hubsync.branch(t), hub_token, run,
                                                          t.keep_checkpoints) if hub_token and main else None)
@@ -192,8 +200,12 @@ def _start_writing(s: Setup, overwrite: bool, report: dict) -> None:
         runs.write_text_atomic(metrics, "".join(k + "\n" for k in keep))  # a kill here must not lose the log
     runs.write_text_atomic(run / "prepare_report.json", json.dumps(report, indent=2))
     quantized = cfg.model.quantization if cfg.model.quantization != "none" and cfg.lora.enabled else "no quantization"
+    rows, width = t.batch_size * s.state.micro_per_step, cfg.data.max_length
+    # A packed row holds several dialogues: say about how many a step takes, to compare with an unpacked config.
+    per_step = (f"{rows} packed rows of {width} tokens (about {rows * width / s.lengths.mean():.0f} dialogues)"
+                if t.packing else f"{rows} rows")
     info(f"model: {s.base} | {s.hw.name} {s.precision} | {quantized} | trainable {s.n_trainable / 1e6:.2f}M "
-         f"| {s.total_steps} steps x {t.batch_size * s.state.micro_per_step} rows")
+         f"| {s.total_steps} steps x {per_step}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,9 +248,16 @@ def loop(s: Setup, overwrite: bool = False, on_step=None) -> TrainResult:
                 fh.write(json.dumps(row) + "\n")
             accelerator.log(trackers.scalars(row), step=row["step"])
 
-    # One padding rule for training and validation batches.
+    # One padding rule for training and validation batches; packed training rows are data.max_length wide.
     batch_of = functools.partial(collate, pad_id=s.tokenizer.pad_token_id, multiple=t.pad_to_multiple_of,
                                  cap=s.cfg.data.max_length)
+    width = s.cfg.data.max_length
+
+    def micro_batch(b) -> dict:
+        if t.packing:
+            return collate_packed([[s.train_rows[i] for i in row] for row in b], s.tokenizer.pad_token_id, width)
+        return batch_of([s.train_rows[i] for i in b])
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bad_streak, stopped, last_loss = 0, "finished", None
@@ -252,9 +271,11 @@ def loop(s: Setup, overwrite: bool = False, on_step=None) -> TrainResult:
         while state.step < s.total_steps:
             epoch, within = divmod(state.step, s.steps_per_epoch)
             if epoch != batches_epoch:  # the order is a function of the epoch: build it once per epoch
-                batches, batches_epoch = epoch_batches(s.lengths, t.batch_size, t.seed, epoch, t.group_by_length), epoch
+                batches = (epoch_packs(s.lengths, t.batch_size, width, t.seed, epoch) if t.packing else
+                           epoch_batches(s.lengths, t.batch_size, t.seed, epoch, t.group_by_length))
+                batches_epoch = epoch
             group = batches[within * state.micro_per_step : (within + 1) * state.micro_per_step]
-            micro = [batch_of([s.train_rows[i] for i in b]) for b in group[accelerator.process_index :: world]]
+            micro = [micro_batch(b) for b in group[accelerator.process_index :: world]]
             loss = forward_backward(s, micro)
             lr = lr_at(state.step, s.total_steps, t.learning_rate, t.warmup_steps, t.scheduler)
             for g in s.optimizer.param_groups:

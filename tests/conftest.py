@@ -98,6 +98,27 @@ def build_tiny_model(out: Path, chat: bool = False, hidden_size: int = 48) -> Pa
     return out
 
 
+def tiny_causal_lm(family: str, window: int = 8):
+    """A tiny random causal LM of Phi-2's family, Llama's (SmolLM2, grouped-query) or Gemma 3's (a sliding-window
+    layer of `window` tokens, then a full one), vocabulary 64, no dropout."""
+    import torch
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PhiConfig,
+                              PhiForCausalLM)
+
+    torch.manual_seed(0)
+    if family == "phi":
+        return PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, partial_rotary_factor=0.4, resid_pdrop=0.0,
+                                        embd_pdrop=0.0))
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Use with `pytestmark = pytest.mark.usefixtures("one_thread")` (runs before the module's runs)."""

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_causal_lm
+from phi2sum import modeling
 from phi2sum import train as train_mod
-from phi2sum.batches import SummaryLoss, collate, epoch_batches
-from phi2sum.config import load_config
+from phi2sum.batches import (SummaryLoss, collate, collate_packed, epoch_batches, epoch_packs, packed_micro_batches,
+                              sequence_lengths)
+from phi2sum.config import ConfigError, load_config
 from phi2sum.train import lr_at, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the short train() runs below (see conftest.ONE_THREAD)
@@ -194,3 +197,124 @@ def test_label_smoothing_and_neftune_change_the_training_loss_only(tiny_model):
             bound = 5.0 / (n * d) ** 0.5
             assert noise[row].abs().max() <= bound * (1 + 1e-5) and noise[row].abs().max() > 0.9 * bound
         assert not torch.isclose(loss, ce)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing (train.packing)
+
+
+def test_epoch_packs_fill_rows_with_whole_dialogues_and_repeat_exactly():
+    lengths = np.random.default_rng(0).integers(20, 300, size=500)
+    rows, width = 4, 512
+    packs = epoch_packs(lengths, rows, width, seed=3, epoch=0)
+    assert all(len(m) == rows for m in packs)  # one shape for every micro-batch
+    assert all(lengths[r].sum() <= width for m in packs for r in m)
+    seen = np.concatenate([r for m in packs for r in m])
+    assert len(seen) == len(set(seen.tolist())) > 0.97 * len(lengths)  # each at most once; few wait for next epoch
+    assert lengths[seen].sum() > 0.97 * len(packs) * rows * width  # rows come out nearly full
+    again = epoch_packs(lengths, rows, width, seed=3, epoch=0)
+    assert all(np.array_equal(a, b) for m, n in zip(packs, again) for a, b in zip(m, n))
+    other = epoch_packs(lengths, rows, width, seed=3, epoch=1)
+    assert not all(np.array_equal(a, b) for m, n in zip(packs, other) for a, b in zip(m, n))
+    # The loop's steps per epoch count on this bound, whatever the epoch's shuffle.
+    bound = packed_micro_batches(lengths, rows, width)
+    assert all(len(epoch_packs(lengths, rows, width, seed, epoch)) >= bound for seed in (0, 1) for epoch in range(8))
+
+
+def test_a_packed_row_restarts_positions_for_each_dialogue_and_labels_only_summaries():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    a, b, c = ([11, 12, 13, 14], 2), ([21, 22, 23], 1), ([31, 32, 33, 34, 35], 3)
+    batch = collate_packed([[a, b], [c]], pad_id=0, width=9)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 21, 22, 23, 0, 0], [31, 32, 33, 34, 35, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[-100, -100, 13, 14, -100, 22, 23, -100, -100],
+                                        [-100, -100, -100, 34, 35, -100, -100, -100, -100]]
+    assert batch["attention_mask"].sum().item() == 12  # real tokens, for the throughput count
+    # transformers reads the restarts as sequences: each dialogue, and the pads after the last one.
+    assert find_packed_sequence_indices(batch["position_ids"]).tolist() == [[0, 0, 0, 0, 1, 1, 1, 2, 2],
+                                                                            [0, 0, 0, 0, 0, 1, 1, 1, 1]]
+    # NEFTune scales each dialogue's noise by its own length.
+    assert sequence_lengths(batch["attention_mask"], batch["position_ids"]).tolist() == [
+        [4, 4, 4, 4, 3, 3, 3, 0, 0], [5, 5, 5, 5, 5, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("family", ["phi", "llama", "gemma3"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_batch_has_the_loss_and_gradients_of_its_dialogues_unpacked(family, attention):
+    """train.packing: the same dialogues packed two or three to a row give the summed loss and every gradient of
+    the padded batch, through PEFT's wrapper, for Phi-2's family, Llama's (SmolLM2) and Gemma 3's, whose
+    sliding-window layers (window 8, dialogues up to 30 tokens) must keep their window inside a packed dialogue too.
+    Tolerance: fp32, and the two compute the same sums in other shapes and orders (padded rows and SDPA's causal
+    kernel, packed rows and a block-diagonal mask), so they agree to rounding, about 1e-6 relative; the bounds are the
+    padding tests' (1e-5 on the loss, 1e-4 relative on gradients), while attention across dialogues moves the loss by
+    1e-3 or more (checked last, so the equality is not one any input would pass)."""
+    from phi2sum.config import LoraSettings, TrainConfig
+
+    lora = LoraSettings(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = modeling.add_lora(tiny_causal_lm(family), lora, TrainConfig(gradient_checkpointing=False), quantized=False)
+    model.base_model.model.set_attn_implementation(attention)
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapter a say in the forward pass
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(4)
+    d = [(torch.randint(3, 60, (n,), generator=gen).tolist(), n // 2) for n in (30, 13, 22, 17, 7, 25, 9)]
+    packed = collate_packed([[d[0], d[1]], [d[2], d[3], d[4]], [d[5], d[6]]], 0, 48)
+    out = []
+    for batch in (collate(d, 0), packed):
+        model.zero_grad()
+        loss = SummaryLoss(model).train()(**batch)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the same rows with positions that never restart: one sequence per row, attention across
+        across = SummaryLoss(model)(**{**packed, "position_ids": torch.arange(48).expand(3, -1)})
+        assert not torch.allclose(across, out[1][0], rtol=1e-4, atol=1e-4)
+        if family == "gemma3":  # and the window matters: without it the padded loss is another
+            model.base_model.model.config.sliding_window = 64
+            assert not torch.allclose(SummaryLoss(model)(**collate(d, 0)), out[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_train_packs_rows_counts_real_tokens_and_says_dialogues_per_step(make_config, monkeypatch, capsys):
+    """With train.packing every training micro-batch is batch_size x data.max_length, each dialogue is trained on at
+    most once per epoch, the position ids reach the model, the throughput count is the real (non-pad) tokens, and
+    the run says about how many dialogues a step holds. Validation batches stay padded."""
+    batches, positions = [], []
+    real_collate_packed, real_forward = train_mod.collate_packed, train_mod.SummaryLoss.forward
+
+    def recording(*args, **kwargs):
+        batches.append(real_collate_packed(*args, **kwargs))
+        return batches[-1]
+
+    def forward(self, *args, position_ids=None, **kwargs):
+        positions.append(position_ids is not None)
+        return real_forward(self, *args, position_ids=position_ids, **kwargs)
+
+    monkeypatch.setattr(train_mod, "collate_packed", recording)
+    monkeypatch.setattr(train_mod.SummaryLoss, "forward", forward)
+    cfg = load_config(make_config(data={"max_length": 1024},
+                                  train={"packing": True, "batch_size": 2, "max_steps": 3, "eval_every": 3}))
+    result = train(cfg, overwrite=True)
+    assert len(batches) == 3 * 2 and all(b["input_ids"].shape == (2, 1024) for b in batches)
+    assert positions == [True] * 6 + [False] * 4  # 3 steps x 2 micro-batches, then 8 validation rows, 2 a batch
+    dialogues = []
+    for b in batches:
+        for ids, pos, real in zip(b["input_ids"], b["position_ids"], b["attention_mask"]):
+            n = int(real.sum())
+            assert real[:n].all() and not real[n:].any()  # the dialogues, then only pads
+            starts = (pos[:n] == 0).nonzero().flatten().tolist() + [n]
+            dialogues += [tuple(ids[a:z].tolist()) for a, z in zip(starts, starts[1:])]
+    assert len(dialogues) == len(set(dialogues)) > 2 * len(batches)  # each once, more than two to a row
+    assert result.real_tokens == sum(len(d) for d in dialogues)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "3 steps x 4 packed rows of 1024 tokens (about 11 dialogues)" in said, said
+
+
+def test_too_little_data_for_one_packed_step_says_so(make_config):
+    cfg = load_config(make_config(data={"max_length": 1024}, train={"packing": True, "batch_size": 16}))
+    with pytest.raises(ConfigError, match=r"47 training rows \(\d+ tokens\) make less than one optimizer step of "
+                                          r"16 x 2 x 1 packed rows of 1024 tokens; lower batch_size or grad_accum"):
+        train(cfg, overwrite=True)

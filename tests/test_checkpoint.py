@@ -114,6 +114,20 @@ def test_resume_keeps_the_runs_rows_per_step_under_another_process_count():
         checkpoint.resumed_micro_per_step(TrainState(micro_per_step=3, batch_size=4), t, 2, False)
     with pytest.raises(ConfigError, match="train.batch_size=8"):
         checkpoint.resumed_micro_per_step(TrainState(micro_per_step=2, batch_size=8), t, 1, False)
+    # train.packing changes what a batch is: the run keeps the value it started with
+    with pytest.raises(ConfigError, match="the run used train.packing=false; resume with that value"):
+        checkpoint.resumed_micro_per_step(TrainState(micro_per_step=1, batch_size=4), t.model_copy(
+            update={"packing": True}), 1, False)
+
+
+def test_a_checkpoint_from_before_packing_reads_as_unpacked(tiny_model, tmp_path):
+    model, optimizer = lora_model(tiny_model, seed=0)
+    path = checkpoint.save(tmp_path, TrainState(step=3, micro_per_step=2, batch_size=4), model, optimizer, None, 2)
+    saved = json.loads((path / "trainer.json").read_text())
+    del saved["packing"]
+    (path / "trainer.json").write_text(json.dumps(saved))
+    fresh = TrainState(micro_per_step=2, batch_size=4, packing=True)  # a config that now asks for packing
+    assert checkpoint.load(path, model, optimizer, None, fresh).packing is False
 
 
 # ----------------------------------------------------------------------------------------------------

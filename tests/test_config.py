@@ -243,6 +243,7 @@ def test_cross_field_problems_are_collected_together(tmp_path):
     (["generation.mbr_candidates=1"], "use 0 \\(off\\) or 2 or more"),
     (["generation.mbr_evidence=8"], "mbr_evidence needs sampled MBR candidates"),
     (["generation.mbr_evidence=8", "generation.mbr_candidates=4"], "mbr_evidence needs sampled MBR candidates"),
+    (["train.packing=true", "model.trust_remote_code=true"], "set train.packing: false"),
 ])
 def test_cross_field_checks_name_the_fix(overrides, fix):
     with pytest.raises(ConfigError, match=fix):
@@ -287,6 +288,27 @@ def test_cuda_device_without_gpu():
     cfg = load_config(None, ["train.device=cuda", "model.quantization=none"])
     assert cfg.problems() == []
     assert any("train.device is cuda" in p for p in cfg.problems(cuda=False))
+
+
+def test_packing_needs_transformers_packed_sequence_masks(monkeypatch):
+    """transformers 4.x builds the packed (block-diagonal) mask only with torch 2.6+, and says nothing otherwise:
+    train.packing is refused there, and where transformers has no packed-sequence masks at all."""
+    import torch
+    import transformers
+    from transformers import masking_utils
+
+    cfg = load_config(None, ["train.packing=true"])
+    assert cfg.problems(cuda=True, bf16=True) == []
+    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
+    [why] = cfg.problems(cuda=True, bf16=True)
+    assert "train.packing needs torch 2.6+ with transformers 4.57.6" in why and "set train.packing: false" in why
+    assert cfg.problems() == [] and load_config(None).problems(cuda=True, bf16=True) == []  # only when it would run
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    assert cfg.problems(cuda=True, bf16=True) == []
+    monkeypatch.delattr(masking_utils, "find_packed_sequence_indices")
+    [why] = cfg.problems(cuda=True, bf16=True)
+    assert "which transformers 4.57.6 lacks" in why
 
 
 def test_generation_has_its_own_device_and_precision():

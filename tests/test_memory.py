@@ -90,5 +90,28 @@ def test_memory_other_processes_hold_is_counted_and_named(setup, monkeypatch):
     assert ": free the 8.0 GiB other processes hold on the card; or lower train.batch_size 4 -> 2" in msg
 
 
+def test_packed_rows_are_measured_packed(setup, monkeypatch):
+    """train.packing: every micro-batch is batch_size x data.max_length; the probe packs its rows as training does, so
+    attention goes through the same block-diagonal mask (another kernel, other memory than the plain causal one)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    cfg, loss_model, accelerator, trainable = setup
+    cfg.train.packing = True
+    FakeCard(monkeypatch, total=16, peak=9.0)
+    seen = []
+    real_forward = SummaryLoss.forward
+
+    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+        seen.append(position_ids)
+        return real_forward(self, input_ids, attention_mask, labels, position_ids)
+
+    monkeypatch.setattr(SummaryLoss, "forward", forward)
+    plan = memory.plan(loss_model, accelerator, 0, cfg, trainable)
+    assert plan.fits and (plan.rows, plan.width) == (4, 64)
+    [positions] = seen
+    assert positions.shape == (4, 64)
+    assert find_packed_sequence_indices(positions).tolist() == [[k // 16 for k in range(64)]] * 4
+
+
 def test_8bit_optimizers_count_two_bytes_a_weight():
     assert memory.optimizer_gib(2**30, "adamw") == 8 and memory.optimizer_gib(2**30, "paged_adamw_8bit") == 2

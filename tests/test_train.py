@@ -165,11 +165,16 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model):
 # Resume
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_model):
-    # LoRA dropout draws random numbers every step, so this fails unless the RNG state is restored too.
+@pytest.mark.parametrize("packing", [False, True])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_model, packing):
+    # LoRA dropout draws random numbers every step, so this fails unless the RNG state is restored too. Packed:
+    # 2 rows of 1,024 tokens a micro-batch make 4 steps an epoch, so the resumed run also crosses into new epochs.
     sections = dict(lora={"dropout": 0.1},
                     train={"max_steps": 12, "learning_rate": 1e-2, "eval_every": 2, "save_every": 4,
                            "keep_best": True, "keep_checkpoints": 2})
+    if packing:
+        sections.update(data={"max_length": 1024}, train={**sections["train"], "packing": True, "batch_size": 2,
+                                                          "eval_every": 4})
     straight = train(load_config(write_config(tmp_path / "a", tiny_model, **sections)))
     run_a = tmp_path / "a" / "run"
 
