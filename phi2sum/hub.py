@@ -300,24 +300,27 @@ def _stage_dry_run(run_dir: Path, cfg: RunConfig, repo_id: str | None, folder: P
 # Push
 
 
-def _hub_error(e: Exception, repo_id: str, endpoint: str, token: str) -> Phi2sumError:
+def hub_reason(e: Exception, secret: str | None, endpoint: str | None = None) -> str:
+    """One line for a failed Hub call (push, checkpoint upload or download), the token masked should any library
+    ever echo it."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     response = getattr(e, "response", None) if isinstance(e, HfHubHTTPError) else None
     status = getattr(response, "status_code", None)
     detail = (str(e).strip().splitlines() or [""])[0][:200]
     if isinstance(e, OfflineModeIsEnabled):
-        msg = "HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it and push again"
+        text = "HF_HUB_OFFLINE is set, so nothing can be sent to the Hub; unset it and try again"
     elif status in (401, 403):
-        msg = (f"the Hub refused to let this token write to {repo_id} (HTTP {status}): use a token with write "
-               "access (`hf auth login`) and a repo under your user or an organization you can write to")
+        text = (f"HTTP {status}: the Hub refused this token: use a token with write access (`hf auth login`) and a "
+                "repo under your user or an organization you can write to")
     elif status is not None:
-        msg = f"push to {repo_id} failed: HTTP {status}: {detail}"
+        text = f"HTTP {status}: {detail}"
     elif isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith(("httpx", "requests")):
-        msg = f"cannot reach the Hugging Face Hub at {endpoint} ({type(e).__name__}); check your network and push again"
+        where = f" at {endpoint}" if endpoint else ""
+        text = f"cannot reach the Hugging Face Hub{where} ({type(e).__name__}); check your network and try again"
     else:
-        msg = f"push to {repo_id} failed: {type(e).__name__}: {detail}"
-    return Phi2sumError(msg.replace(token, "***"))  # belt and braces: a token must never reach the terminal
+        text = f"{type(e).__name__}: {detail}"
+    return text.replace(secret, "***") if secret else text
 
 
 def push(run_dir: Path, cfg: RunConfig, repo_id: str | None, private: bool, revision: str | None,
@@ -349,5 +352,5 @@ def push(run_dir: Path, cfg: RunConfig, repo_id: str | None, private: bool, revi
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
         except Exception as e:
-            raise _hub_error(e, repo_id, api.endpoint, token) from None
+            raise Phi2sumError(f"push to {repo_id} failed: {hub_reason(e, token, api.endpoint)}") from None
     return {"url": str(url) + (f"/tree/{revision}" if revision else ""), "files": files}

@@ -22,6 +22,7 @@ from pathlib import Path
 from . import checkpoint, runs
 from .config import ConfigError, Phi2sumError, TrainConfig
 from .console import info, warn
+from .hub import hub_reason
 
 FLUSH_SECONDS = 600  # at the end of training, wait this long at most for the last upload
 STAGING = ".tmp-hub-"  # run/.tmp-hub-step-N: hard links to a checkpoint waiting for its upload
@@ -43,20 +44,6 @@ def token(t: TrainConfig) -> str:
         raise ConfigError("train.hub_checkpoints needs a Hugging Face token with write access: set HF_TOKEN or "
                           "run `hf auth login`")
     return found
-
-
-def _reason(e: Exception, secret: str) -> str:
-    """One short line for a failed Hub call; the token is masked should any library ever echo it."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
-    if status in (401, 403):
-        text = f"HTTP {status}: the token cannot write there (use a write token, `hf auth login`)"
-    elif status is not None:
-        text = f"HTTP {status}"
-    else:
-        text = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
-    return text.replace(secret, "***")
 
 
 def _stale(on_hub: set[str], new: str, keep: int) -> list[str]:
@@ -182,7 +169,7 @@ class Uploader:
             later = (f"it is only in {self.run / runs.CHECKPOINTS}" if self._retried else
                      "training goes on; the next checkpoint (or the end of training) retries")
             warn(f"checkpoint {name} was not uploaded to {self.repo_id} (branch {self.branch}): "
-                 f"{_reason(e, self._secret)}; {later}")
+                 f"{hub_reason(e, self._secret)}; {later}")
             return False
         finally:
             if not bars_were_off:
@@ -211,7 +198,7 @@ def pull(t: TrainConfig, run: Path, secret: str) -> None:
              "read it; starting from step 0")
         return
     except Exception as e:  # network, permissions: resuming from step 0 instead would silently waste the run
-        raise Phi2sumError(f"--resume: cannot list the checkpoints in {repo} (branch {rev}): {_reason(e, secret)}; "
+        raise Phi2sumError(f"--resume: cannot list the checkpoints in {repo} (branch {rev}): {hub_reason(e, secret)}; "
                            "check the network and the token, then run again") from None
     steps: dict[str, list[str]] = {}
     for f in files:
@@ -228,7 +215,7 @@ def pull(t: TrainConfig, run: Path, secret: str) -> None:
                 hf_hub_download(repo, f, revision=rev, local_dir=tmp, token=secret, endpoint=api.endpoint)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise Phi2sumError(f"--resume: downloading checkpoint {name} from {repo} failed: {_reason(e, secret)}; "
+            raise Phi2sumError(f"--resume: downloading checkpoint {name} from {repo} failed: {hub_reason(e, secret)}; "
                                "run again") from None
         got = tmp / runs.CHECKPOINTS / name
         if checkpoint.is_valid(got):

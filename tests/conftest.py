@@ -303,6 +303,17 @@ def gqa_lm(tiny_model):
     return Loaded(model, tok, "plain", data_mod.stop_ids(tok, "plain"), None, cpu())
 
 
+@pytest.fixture(scope="module")
+def exact_fp32():
+    """TF32 off for a GPU test module: fp32 comparisons against transformers then show logic errors, not rounding."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def padded_batch(loaded, gen, dialogues=DIALOGUES):
     """DIALOGUES as the left-padded (input_ids, attention_mask) batch generation builds."""
     import torch

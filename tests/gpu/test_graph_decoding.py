@@ -18,20 +18,12 @@ from phi2sum.decoding import decode_static, graph_decoding_applies
 from phi2sum.generate import Loaded
 from phi2sum.modeling import Hardware
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
 CUDA = torch.device("cuda", 0)
 
 
 class Tok:  # the one tokenizer attribute the loop and generate use
     pad_token_id = 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def exact_fp32():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def model(family: str, adapter: bool):

@@ -13,16 +13,8 @@ from phi2sum import modeling
 from phi2sum.batches import SummaryLoss, collate, collate_packed
 from phi2sum.config import LoraSettings, TrainConfig
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
 CUDA = torch.device("cuda", 0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def exact_fp32():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.mark.parametrize("family", ["phi", "llama", "gemma3"])
