@@ -10,6 +10,7 @@ itself is unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,14 +65,28 @@ def optimizer_gib(trainable: int, optimizer: str) -> float:
     return trainable * OPTIMIZER_BYTES[optimizer] / 2**30
 
 
-def plan(loss_model, accelerator, pad_id: int, cfg, trainable: int) -> Plan:
-    """Measure the widest micro-batch on the GPU (see the module docstring). Raises Phi2sumError, naming the
-    setting to lower, when it runs out of memory or the expected peak does not fit."""
+def summary_tokens_per_row(rows: list[tuple[list[int], int]], width: int, packing: bool) -> int:
+    """The most summary tokens one micro-batch row can hold, from the training rows ((ids, prompt length)): a row's
+    longest summary, or packed, the row width times the largest summary share of any dialogue. The loss runs
+    the output head on exactly these positions, so with a large vocabulary (Gemma's 262,144) they set much of
+    the peak: assuming half of every row (a 1,024-token row's 512) doubled Gemma 3 270M's expected peak."""
+    lengths = [(len(ids), len(ids) - plen) for ids, plen in rows if len(ids) > plen]
+    if not lengths:
+        return 1
+    if packing:
+        return max(1, min(width - 1, math.ceil(width * max(s / n for n, s in lengths))))
+    return max(1, min(width - 1, max(s for _, s in lengths)))
+
+
+def plan(loss_model, accelerator, pad_id: int, cfg, trainable: int, summary_tokens: int) -> Plan:
+    """Measure the widest micro-batch on the GPU (see the module docstring), with `summary_tokens` label positions
+    per row (summary_tokens_per_row). Raises Phi2sumError, naming the setting to lower, when it runs out of memory
+    or the expected peak does not fit."""
     t, device = cfg.train, accelerator.device
     rows, width = t.batch_size, cfg.data.max_length
     ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)  # memory does not depend on the ids
     labels = ids.clone()
-    labels[:, : width // 2] = -100  # summary tokens: the loss reads only these, as in training
+    labels[:, : width - summary_tokens] = -100  # the loss reads only the summary tokens, as in training
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     if t.packing:  # packed rows: the attention goes through the block-diagonal mask, as in training
         batch["position_ids"] = torch.arange(width, device=device).remainder(max(1, width // 4)).expand(rows, -1)

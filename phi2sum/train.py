@@ -235,7 +235,8 @@ def loop(s: Setup, overwrite: bool = False, on_step=None) -> TrainResult:
                  "nothing to resume, nothing changed")
         return done
     if device.type == "cuda" and t.memory_check:  # before the first write: a config that cannot fit changes nothing
-        planned = memory.plan(s.loss_model, accelerator, s.tokenizer.pad_token_id, s.cfg, s.n_trainable)
+        summary = memory.summary_tokens_per_row(s.train_rows, s.cfg.data.max_length, t.packing)
+        planned = memory.plan(s.loss_model, accelerator, s.tokenizer.pad_token_id, s.cfg, s.n_trainable, summary)
         if main:
             info(planned.describe())
     if main:

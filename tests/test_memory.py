@@ -46,7 +46,7 @@ def test_a_config_that_fits_prints_its_peak_and_leaves_the_run_unchanged(setup, 
     cfg, loss_model, accelerator, trainable = setup
     FakeCard(monkeypatch, total=16, peak=9.0)
     rng = torch.get_rng_state()
-    plan = memory.plan(loss_model, accelerator, 0, cfg, trainable)
+    plan = memory.plan(loss_model, accelerator, 0, cfg, trainable, 16)
     assert plan.fits and (plan.rows, plan.width) == (4, 64)
     assert plan.peak_gib == pytest.approx(9.0 + trainable * 8 / 2**30)  # AdamW: two fp32 moments
     assert "expected peak 9.0 GiB of the card's 16.0 GiB" in plan.describe()
@@ -58,7 +58,7 @@ def test_a_config_that_will_not_fit_stops_naming_what_to_lower(setup, monkeypatc
     cfg, loss_model, accelerator, trainable = setup
     FakeCard(monkeypatch, total=16, peak=15.5)
     with pytest.raises(Phi2sumError) as err:
-        memory.plan(loss_model, accelerator, 0, cfg, trainable)
+        memory.plan(loss_model, accelerator, 0, cfg, trainable, 16)
     msg = str(err.value)
     assert "needs about 15.5 GiB for a micro-batch of 4 x 64 tokens" in msg and "16.0 GiB card" in msg
     assert "train.batch_size 4 -> 2 with train.grad_accum 2 -> 4" in msg
@@ -74,17 +74,17 @@ def test_running_out_of_memory_on_the_widest_batch_is_the_same_clear_stop(setup,
 
     monkeypatch.setattr(SummaryLoss, "forward", oom)
     with pytest.raises(Phi2sumError, match="ran out of memory on a micro-batch of 4 x 64 tokens"):
-        memory.plan(loss_model, accelerator, 0, cfg, trainable)
+        memory.plan(loss_model, accelerator, 0, cfg, trainable, 16)
 
 
 def test_memory_other_processes_hold_is_counted_and_named(setup, monkeypatch):
     """A second job on the card: the same config that fits an empty card stops, saying who holds the memory."""
     cfg, loss_model, accelerator, trainable = setup
     FakeCard(monkeypatch, total=16, peak=9.0, others=0.9)  # a context-sized remainder is not another job
-    assert memory.plan(loss_model, accelerator, 0, cfg, trainable).others_gib == 0
+    assert memory.plan(loss_model, accelerator, 0, cfg, trainable, 16).others_gib == 0
     FakeCard(monkeypatch, total=16, peak=9.0, others=7.5)  # + our 0.5 GiB context: 8.0 in use
     with pytest.raises(Phi2sumError) as err:
-        memory.plan(loss_model, accelerator, 0, cfg, trainable)
+        memory.plan(loss_model, accelerator, 0, cfg, trainable, 16)
     msg = str(err.value)
     assert "16.0 GiB card (8.0 GiB of it held by other processes)" in msg
     assert ": free the 8.0 GiB other processes hold on the card; or lower train.batch_size 4 -> 2" in msg
@@ -106,11 +106,32 @@ def test_packed_rows_are_measured_packed(setup, monkeypatch):
         return real_forward(self, input_ids, attention_mask, labels, position_ids)
 
     monkeypatch.setattr(SummaryLoss, "forward", forward)
-    plan = memory.plan(loss_model, accelerator, 0, cfg, trainable)
+    plan = memory.plan(loss_model, accelerator, 0, cfg, trainable, 16)
     assert plan.fits and (plan.rows, plan.width) == (4, 64)
     [positions] = seen
     assert positions.shape == (4, 64)
     assert find_packed_sequence_indices(positions).tolist() == [[k // 16 for k in range(64)]] * 4
+
+
+def test_the_probe_reads_as_many_summary_tokens_as_the_data_can_put_in_a_row(setup, monkeypatch):
+    """The output head runs on summary positions only, so the probe's label count is what the data allows: a
+    row's longest summary, or packed, the row width times the largest summary share."""
+    cfg, loss_model, accelerator, trainable = setup
+    rows = [([1] * 40, 30), ([1] * 20, 4), ([1] * 10, 9)]  # summaries of 10, 16 and 1 tokens; shares .25, .8, .1
+    assert memory.summary_tokens_per_row(rows, 64, packing=False) == 16
+    assert memory.summary_tokens_per_row(rows, 64, packing=True) == 52  # ceil(64 * 0.8)
+    assert memory.summary_tokens_per_row([([1] * 99, 0)], 64, packing=False) == 63  # never the whole row
+    FakeCard(monkeypatch, total=16, peak=9.0)
+    seen = []
+    real_forward = SummaryLoss.forward
+
+    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+        seen.append(int((labels != -100).sum()))
+        return real_forward(self, input_ids, attention_mask, labels, position_ids)
+
+    monkeypatch.setattr(SummaryLoss, "forward", forward)
+    memory.plan(loss_model, accelerator, 0, cfg, trainable, 16)
+    assert seen == [4 * 16]
 
 
 def test_8bit_optimizers_count_two_bytes_a_weight():
