@@ -52,7 +52,9 @@ class SummaryLoss(nn.Module):
             scale = self.neftune_alpha / (lengths * embeds.shape[-1]).clamp(min=1).sqrt()
             noise = torch.empty_like(embeds).uniform_(-1, 1) * scale[..., None].to(embeds.dtype)
             inputs = {"inputs_embeds": embeds + noise}
-        hidden = causal_lm.base_model(**inputs, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
+        if position_ids is not None:  # only when packed: some remote-code models take no position_ids at all
+            inputs["position_ids"] = position_ids
+        hidden = causal_lm.base_model(**inputs, attention_mask=mask, use_cache=False)[0]
         targets = labels[:, 1:]
         keep = targets != -100
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])

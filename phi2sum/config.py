@@ -351,6 +351,11 @@ class RunConfig(_Section):
         if t.packing and m.trust_remote_code:
             out.append("train.packing relies on transformers' own model code to keep packed dialogues apart; "
                        "model.trust_remote_code runs the hub repo's code instead: set train.packing: false")
+        if t.packing and m.attn_implementation == "flash_attention_2":
+            # transformers' flash-attention path finds packed dialogues only in a batch of one row; in wider
+            # batches every dialogue would see the ones packed before it.
+            out.append("train.packing keeps dialogues apart with SDPA or eager attention, not flash-attention: "
+                       "set model.attn_implementation: sdpa, or train.packing: false")
         if g.do_sample and g.num_beams > 1:
             out.append("generation.do_sample and num_beams > 1 do not mix; pick one")
         if g.mbr_candidates == 1:

@@ -141,7 +141,8 @@ def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: P
                "bootstrap_samples": cfg.eval.bootstrap_samples, "prompt_format": loaded.fmt,
                "stop_tokens": loaded.tokenizer.convert_ids_to_tokens(loaded.stop_ids),
                "generation": cfg.generation.model_dump(), "base_model": cfg.model.name, "adapter": adapter,
-               "device": loaded.hardware.name, "processes": state.num_processes, "models": {}}
+               "device": loaded.hardware.name, "processes": state.num_processes,
+               "dequantized_4bit": loaded.dequantized, "models": {}}
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         # An earlier eval's scores go now: an eval stopped halfway must not leave them beside new predictions,

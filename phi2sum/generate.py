@@ -33,6 +33,7 @@ class Loaded:
     adapter: str | None
     hardware: modeling.Hardware
     full: bool = False  # the run is a full fine-tune: no adapter to switch off for the base pass
+    dequantized: bool = False  # a 4-bit base was dequantized for generation (generation.dequantize)
 
 
 def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
@@ -51,11 +52,12 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
         model = modeling.load_base(cfg.model, hw, adapter, quantize=False)
     else:
         model = modeling.load_base(cfg.model, hw, path, quantize=quantize)
+    dequantized = False
     if cfg.generation.dequantize:
         # Here, before the adapter loads, rather than at fold time: PEFT then wraps plain layers, which fold_adapter
         # folds into as into an unquantized base, and eval's base pass (adapter off, before the fold) already runs
         # on the same dequantized weights.
-        modeling.dequantize_4bit(model)
+        dequantized = modeling.dequantize_4bit(model)
     if adapter and not full:
         try:
             model = modeling.load_adapter(model, adapter)
@@ -68,7 +70,7 @@ def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
             raise
     model.eval()
     fmt = data_mod.resolve_format(cfg.data, tokenizer)
-    return Loaded(model, tokenizer, fmt, data_mod.stop_ids(tokenizer, fmt), adapter, hw, full)
+    return Loaded(model, tokenizer, fmt, data_mod.stop_ids(tokenizer, fmt), adapter, hw, full, dequantized)
 
 
 def fold_adapter(loaded: Loaded) -> bool:

@@ -95,7 +95,8 @@ def plan(loss_model, accelerator, pad_id: int, cfg, trainable: int, summary_toke
     # what is in use beyond this process's own allocator and context.
     free, total = torch.cuda.mem_get_info(device)
     others = (total - free - torch.cuda.memory_reserved(device)) / 2**30
-    others = others if others >= OTHERS_MIN_GIB else 0.0
+    # Several processes: NCCL's buffers are this run's own memory outside the allocator; not counted.
+    others = others if others >= OTHERS_MIN_GIB and accelerator.num_processes == 1 else 0.0
     torch.cuda.reset_peak_memory_stats(device)
     oom = False
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -318,3 +318,28 @@ def test_too_little_data_for_one_packed_step_says_so(make_config):
     with pytest.raises(ConfigError, match=r"47 training rows \(\d+ tokens\) make less than one optimizer step of "
                                           r"16 x 2 x 1 packed rows of 1024 tokens; lower batch_size or grad_accum"):
         train(cfg, overwrite=True)
+
+
+def test_unpacked_batches_pass_no_position_ids_to_models_that_take_none():
+    """Some remote-code models' forward has no position_ids (nor **kwargs): unpacked training must not pass one."""
+    from torch import nn
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+
+        def forward(self, input_ids, attention_mask=None, use_cache=None):  # no position_ids
+            return (self.embed(input_ids),)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_model, self.head = Inner(), nn.Linear(8, 16)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    batch = collate([([1, 2, 3, 4], 2), ([5, 6, 7], 1)], pad_id=0)
+    loss = SummaryLoss(Outer())(**batch)
+    assert torch.isfinite(loss) and loss > 0

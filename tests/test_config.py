@@ -244,6 +244,7 @@ def test_cross_field_problems_are_collected_together(tmp_path):
     (["generation.mbr_evidence=8"], "mbr_evidence needs sampled MBR candidates"),
     (["generation.mbr_evidence=8", "generation.mbr_candidates=4"], "mbr_evidence needs sampled MBR candidates"),
     (["train.packing=true", "model.trust_remote_code=true"], "set train.packing: false"),
+    (["train.packing=true", "model.attn_implementation=flash_attention_2"], "set model.attn_implementation: sdpa"),
 ])
 def test_cross_field_checks_name_the_fix(overrides, fix):
     with pytest.raises(ConfigError, match=fix):

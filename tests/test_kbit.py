@@ -160,7 +160,7 @@ def test_eval_on_a_4bit_base_runs_the_base_pass_then_folds_the_adapter(tiny_mode
     real = evaluate.generate
     monkeypatch.setattr(evaluate, "generate", spy)
     metrics = evaluate.run_eval(cfg, str(random_adapter), compare_base=True, out_dir=tmp_path / "eval")
-    assert list(metrics["models"]) == ["base", "fine-tuned"]
+    assert list(metrics["models"]) == ["base", "fine-tuned"] and metrics["dequantized_4bit"] is True
     (base_pass, base_4bit, base_merged), (tuned_pass, tuned_4bit, tuned_merged) = passes
     assert (base_4bit, base_merged, tuned_4bit, tuned_merged) == (0, {False}, 0, {True})
 
@@ -193,6 +193,7 @@ def test_a_4bit_base_is_dequantized_only_where_it_fits_and_is_wanted(case, tiny_
     loaded = generate.load_for_inference(cfg, str(random_adapter))
     folded = generate.fold_adapter(loaded)
     err = " ".join(capsys.readouterr().err.split())
+    assert loaded.dequantized == (case == "fits")  # what eval's metrics.json records
     if case == "fits":
         assert four_bit_layers(loaded.model) == 0 and folded and "warning:" not in err
     else:
