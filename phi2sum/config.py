@@ -257,8 +257,9 @@ class GenerationConfig(_Section):
     """Greedy decoding and sampling on a CUDA GPU (unquantized or 4-bit, SDPA or eager attention) run
     phi2sum's own loop: a static KV cache and the decoding step captured once per batch as a CUDA graph,
     replayed per token. Greedy tokens equal generate's; samples come from the same distribution but are other
-    draws (false: use generate, e.g. to repeat its draws). Beams, penalties, 8-bit models, flash-attention,
-    sliding-window models and CPUs always use generate (docs/RESULTS.md, "Generation speed")."""
+    draws (false: use generate, e.g. to repeat its draws). Beams, penalties, 8-bit models, flash-attention and
+    CPUs always use generate; sliding-window models (Gemma 3) use the loop for batches whose prompt and
+    max_new_tokens fit in the window (docs/RESULTS.md, "Generation speed")."""
     dequantize: bool = True
     """A 4-bit base (model.quantization: 4bit, on a GPU) is dequantized once into plain layers of the compute dtype
     (bf16/fp16) when eval and summarize load it, and the adapter then folded in as into an unquantized base: the
