@@ -12,16 +12,27 @@ import math
 import numpy as np
 
 
+class _CachedStemmer:
+    """rouge-score's Porter stemmer (nltk's), each distinct word stemmed once: a dialogue's 128 samples share most
+    of their words, and stemming every occurrence took ~80% of MBR's selection time."""
+
+    def __init__(self):
+        from nltk.stem import porter
+
+        self.stem = functools.lru_cache(maxsize=1 << 17)(porter.PorterStemmer().stem)
+
+
 @functools.lru_cache(maxsize=1)
-def _rouge_tokenizer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)._tokenizer
+def _stemmer() -> _CachedStemmer:
+    return _CachedStemmer()
 
 
-@functools.lru_cache(maxsize=65536)  # beams and samples repeat one another; the stemmer is the slow part
+@functools.lru_cache(maxsize=65536)  # beams and samples repeat one another
 def _rouge_tokenize(text: str) -> tuple[str, ...]:
-    return tuple(_rouge_tokenizer().tokenize(text))
+    """rouge-score's own tokenization (lowercase, alphanumeric runs, Porter stems of words over 3 characters)."""
+    from rouge_score import tokenize
+
+    return tuple(tokenize.tokenize(text, _stemmer()))
 
 
 def _lcs_length(a: tuple, b: tuple) -> int:

@@ -26,6 +26,20 @@ def scorer():
 # The counts behind every pair
 
 
+def test_tokens_are_rouge_scores_own(scorer):
+    """MBR stems each distinct word once; the tokens must still be exactly rouge-score's (lowercase, alphanumeric
+    runs, Porter stems of words over three characters), on real summaries and on awkward text."""
+    import json
+
+    from conftest import DIALOGUES, SLICE
+
+    rows = [json.loads(line) for line in (SLICE / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts = [r["summary"] for r in rows] + list(DIALOGUES) + [
+        "", "   ", "A-B testing; re-running it!!", "Ünïcödé café 42nd caresses ponies", "I'm he's they're", "x" * 70]
+    for text in texts:
+        assert list(mbr._rouge_tokenize(text)) == scorer._tokenizer.tokenize(text), text
+
+
 def test_lcs_length_matches_rouge_scores_table():
     rng = np.random.default_rng(1)
     for _ in range(500):  # few distinct tokens: many repeats and many equal-length alternatives
