@@ -25,6 +25,7 @@ from . import modeling, runs, trackers
 from .config import RunConfig
 from .console import progress, warn
 from .generate import Generated, fold_adapter, generate, load_for_inference
+from .mbr import rouge_tokens
 from .runs import write_jsonl_atomic, write_text_atomic
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -43,10 +44,19 @@ class RougeResult:
     counts: np.ndarray  # references per dialogue
 
 
+class _RougeTokens:
+    """rouge-score's stemmed tokens with each distinct word stemmed once (mbr.rouge_tokens): the stemmer was most
+    of the scoring time."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(rouge_tokens(text))
+
+
 def rouge(predictions: list[str], references: list[list[str]], use_stemmer: bool = True) -> RougeResult:
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=use_stemmer)
+    scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=use_stemmer,
+                                      tokenizer=_RougeTokens() if use_stemmer else None)
     sums = {m: np.zeros(len(predictions)) for m in METRICS}
     first = {m: np.zeros(len(predictions)) for m in METRICS}
     counts = np.array([len(r) for r in references], dtype=float)

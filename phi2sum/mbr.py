@@ -28,7 +28,7 @@ def _stemmer() -> _CachedStemmer:
 
 
 @functools.lru_cache(maxsize=65536)  # beams and samples repeat one another
-def _rouge_tokenize(text: str) -> tuple[str, ...]:
+def rouge_tokens(text: str) -> tuple[str, ...]:
     """rouge-score's own tokenization (lowercase, alphanumeric runs, Porter stems of words over 3 characters)."""
     from rouge_score import tokenize
 
@@ -153,7 +153,7 @@ def mbr_supports(texts: list[str], weights: tuple[float, float, float] = (1.0, 1
     distinct = list(dict.fromkeys(pool))  # first-seen order
     which = {t: i for i, t in enumerate(distinct)}
     copies = np.bincount([which[t] for t in (texts if evidence is None else evidence)], minlength=len(distinct))
-    tokens = [_rouge_tokenize(t) for t in distinct]
+    tokens = [rouge_tokens(t) for t in distinct]
     r1, r2, rl = pair_f1(np.array([len(t) for t in tokens]), *pair_overlaps(tokens))
     (w1, w2, wl), total = weights, sum(weights)
     pair = (w1 * r1 + w2 * r2 + wl * rl) / total

@@ -37,7 +37,7 @@ def test_tokens_are_rouge_scores_own(scorer):
     texts = [r["summary"] for r in rows] + list(DIALOGUES) + [
         "", "   ", "A-B testing; re-running it!!", "Ünïcödé café 42nd caresses ponies", "I'm he's they're", "x" * 70]
     for text in texts:
-        assert list(mbr._rouge_tokenize(text)) == scorer._tokenizer.tokenize(text), text
+        assert list(mbr.rouge_tokens(text)) == scorer._tokenizer.tokenize(text), text
 
 
 def test_lcs_length_matches_rouge_scores_table():
@@ -107,7 +107,7 @@ def test_pair_matrices_and_picks_match_rouge_score_on_adversarial_candidates(sco
 
     def long_pairs_unscored(target, prediction):  # what a broken fallback for two texts over 64 tokens would give
         r1, r2, rl = score(target, prediction)
-        lengths = map(len, map(mbr._rouge_tokenize, (target, prediction)))
+        lengths = map(len, map(mbr.rouge_tokens, (target, prediction)))
         return (r1, r2, scoring.Score(0, 0, 0)) if min(lengths) > 64 else (r1, r2, rl)
 
     rng = np.random.default_rng(3)
@@ -115,7 +115,7 @@ def test_pair_matrices_and_picks_match_rouge_score_on_adversarial_candidates(sco
     for _ in range(40):
         texts = adversarial_candidates(rng)
         distinct = list(dict.fromkeys(texts))
-        tokens = [mbr._rouge_tokenize(t) for t in distinct]
+        tokens = [mbr.rouge_tokens(t) for t in distinct]
         f1 = mbr.pair_f1(np.array([len(t) for t in tokens]), *mbr.pair_overlaps(tokens))
         for a, target in enumerate(distinct):
             for b, prediction in enumerate(distinct):
