@@ -16,11 +16,13 @@ from .console import warn
 
 
 def decode_candidates(loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig,
-                      graph: bool) -> list[list[tuple[list[int], float | None]]]:
+                      graph: bool, logprobs: bool = True) -> list[list[tuple[list[int], float | None]]]:
     """decode_static for a batch of prompts, grouped per prompt: one sequence each, or with MBR sampling its
-    mbr_candidates samples (each prompt's cache copied to that many rows of its own after one prefill)."""
+    mbr_candidates samples (each prompt's cache copied to that many rows of its own after one prefill), with
+    their log-probabilities where `logprobs` (MBR candidates only)."""
     per = gen.mbr_candidates or 1  # only sampling reaches here with candidates (beams go to generate)
-    rows = decode_static(loaded, input_ids, attention, gen, graph, copies=per, logprobs=bool(gen.mbr_candidates))
+    rows = decode_static(loaded, input_ids, attention, gen, graph, copies=per,
+                         logprobs=logprobs and bool(gen.mbr_candidates))
     return [rows[k : k + per] for k in range(0, len(rows), per)]
 
 

@@ -157,7 +157,8 @@ def _generate_batches(loaded: Loaded, prompts: list, gen: GenerationConfig, on_b
         width = max(len(prompts[i][0]) for i in idx)
         try:
             new_tokens = _generate_padded(loaded, [prompts[i][0] for i in idx], gen)
-            evidence = _generate_padded(loaded, [prompts[i][0] for i in idx], evidence_config(gen)) \
+            # The evidence's log-probabilities are never read: not computed (a vocabulary-wide softmax per token).
+            evidence = _generate_padded(loaded, [prompts[i][0] for i in idx], evidence_config(gen), logprobs=False) \
                 if gen.mbr_evidence else [[]] * len(idx)
         except torch.OutOfMemoryError:
             if len(idx) == 1:
@@ -207,10 +208,11 @@ def _finish(loaded: Loaded, tokens: list[int], truncated_input: bool, logprob: f
     return Generated(text, raw, len(kept), cut is None, run_on, truncated_input, logprob=logprob)
 
 
-def _generate_padded(loaded: Loaded, prompts: list[list[int]],
-                     gen: GenerationConfig) -> list[list[tuple[list[int], float | None]]]:
+def _generate_padded(loaded: Loaded, prompts: list[list[int]], gen: GenerationConfig,
+                     logprobs: bool = True) -> list[list[tuple[list[int], float | None]]]:
     """For each prompt, its sequence (or with MBR its candidates), each as (new tokens, log-probability): the
-    log-probability (decode_static's sum) where phi2sum's loop decoded, None where generate did."""
+    log-probability (decode_static's sum) where phi2sum's loop decoded MBR candidates and `logprobs` asks for it,
+    else None."""
     tok, model = loaded.tokenizer, loaded.model
     n = gen.sequences_per_dialogue
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
@@ -235,7 +237,7 @@ def _generate_padded(loaded: Loaded, prompts: list[list[int]],
     if device.type == "cuda" and graph_decoding_applies(loaded, gen, total=width + gen.max_new_tokens):
         # The device context: under `accelerate launch` each process's streams and graph belong to its GPU.
         with torch.inference_mode(), torch.cuda.device(device):
-            return decode_candidates(loaded, input_ids, attention, gen, graph=True)
+            return decode_candidates(loaded, input_ids, attention, gen, graph=True, logprobs=logprobs)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     new = [(tokens, None) for tokens in out[:, width:].cpu().tolist()]

@@ -134,6 +134,9 @@ def test_static_loop_samples_candidates_per_prompt(lm, request):
     first = tokens(decode_candidates(endless, ids, mask, warm, graph=False))
     torch.manual_seed(3)
     assert tokens(decode_candidates(endless, ids, mask, warm, graph=False)) == first
+    torch.manual_seed(3)  # MBR's evidence: no log-probabilities, the same draws
+    bare = decode_candidates(endless, ids, mask, warm, graph=False, logprobs=False)
+    assert tokens(bare) == first and {lp for c in bare for _, lp in c} == {None}
     assert all(len(c) == 4 and len({tuple(s) for s in c}) > 1 for c in first)
     # Both the prefill's token and the later steps' tokens are drawn, not argmax'd.
     # (top_k 3 so that candidates share first tokens: then only later draws can tell them apart)

@@ -245,19 +245,20 @@ def test_mbr_generation_returns_the_consensus_candidate(random_lm, sample):
 
 def test_mbr_evidence_is_sampled_at_its_own_temperature(random_lm, monkeypatch):
     """Candidates at generation.temperature, evidence (mbr_evidence samples) at mbr_evidence_temperature, same
-    batches; each summary is mbr_pick's choice of its candidates against its evidence."""
+    batches, and only the candidates' log-probabilities asked for (the evidence's are never read); each summary is
+    mbr_pick's choice of its candidates against its evidence."""
     seen = []
     real = generate._generate_padded
 
-    def spy(loaded, prompts, gen):
-        seen.append((len(prompts), gen.temperature, gen.mbr_candidates))
-        return real(loaded, prompts, gen)
+    def spy(loaded, prompts, gen, logprobs=True):
+        seen.append((len(prompts), gen.temperature, gen.mbr_candidates, logprobs))
+        return real(loaded, prompts, gen, logprobs)
 
     monkeypatch.setattr(generate, "_generate_padded", spy)
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.5, mbr_candidates=4, mbr_evidence=3,
                            mbr_evidence_temperature=1.5, batch_size=3)
     out = run(random_lm, gen)
-    assert seen[:2] == [(3, 0.5, 4), (3, 1.5, 3)] and len(seen) == 2 * -(-len(DIALOGUES) // 3)
+    assert seen[:2] == [(3, 0.5, 4, True), (3, 1.5, 3, False)] and len(seen) == 2 * -(-len(DIALOGUES) // 3)
     for g in out:
         assert len(g.candidates) == 4 and len(g.evidence) == 3
         assert g.text == g.candidates[mbr_pick(list(g.candidates), evidence=g.evidence)]
