@@ -85,14 +85,11 @@ def collate(rows: list[tuple[list[int], int]], pad_id: int, multiple: int = 1, c
     width = -(-longest // multiple) * multiple
     if cap is not None:
         width = max(longest, min(width, cap))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (ids, plen) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        labels[i, plen : len(ids)] = torch.tensor(ids[plen:])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    # A padded row is a packed row of one dialogue; its position ids are left to the model (0 .. width - 1, the
+    # same for its real tokens), so padded batches keep SDPA's causal kernels and the optional padding mask.
+    batch = collate_packed([[row] for row in rows], pad_id, width)
+    del batch["position_ids"]
+    return batch
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group: bool) -> list[np.ndarray]:
