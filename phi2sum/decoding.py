@@ -65,7 +65,7 @@ DECODE_BACKENDS: list | None = None
 
 
 def decode_attention():
-    """The SDPA backend choice around the decoding step's eager run and capture (a replay keeps its kernels)."""
+    """The SDPA backend choice (DECODE_BACKENDS) for the decoding steps."""
     if not DECODE_BACKENDS:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -181,14 +181,12 @@ def decode_static(loaded, input_ids: torch.Tensor, attention: torch.Tensor, gen:
         out_col.add_(1)
         step_mask.index_fill_(3, out_col + (width - 1), 0.0)  # open the slot the next token is written to
 
-    steps, ran = gen.max_new_tokens - 1, 0
-    run = step
-    with decode_attention():
+    steps = gen.max_new_tokens - 1
+    with decode_attention():  # around the eager steps and the capture (a replay keeps the captured kernels)
         run, ran = _capture(step, graph and steps > 1)
-    for k in range(ran, steps):
-        if k % 8 == 0 and bool(done.all()):  # one host sync every 8 tokens
-            break
-        with decode_attention():
+        for k in range(ran, steps):
+            if k % 8 == 0 and bool(done.all()):  # one host sync every 8 tokens
+                break
             run()
     return list(zip(tokens.cpu().tolist(), logprob.cpu().tolist() if logprobs else [None] * rows))
 
