@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import data as data_mod
 from . import modeling, runs, trackers
 from .config import RunConfig
 from .console import progress, warn
-from .generate import Generated, fold_adapter, generate, load_for_inference
+from .generate import Generated, fold_adapter, generate, load_for_inference, process_state
 from .mbr import rouge_tokens
 from .runs import write_jsonl_atomic, write_text_atomic
 
@@ -128,10 +127,7 @@ def _shard_and_gather(state, fn, items: list) -> list:
 
 def run_eval(cfg: RunConfig, adapter: str | None, compare_base: bool, out_dir: Path) -> dict | None:
     """Score the test split; returns the metrics (None on the non-main processes of a multi-GPU run)."""
-    from accelerate import PartialState
-
-    # cpu=True: on a machine without CUDA, torchrun/accelerate launch processes still form one group (gloo).
-    state = PartialState(cpu=cfg.generation.device == "cpu" or not torch.cuda.is_available())
+    state = process_state(cfg.generation)
     main = state.is_main_process
     runs.check_adapter(adapter)  # before the test split is read (or downloaded)
     runs.check_adapter_config(adapter)

@@ -36,6 +36,15 @@ class Loaded:
     dequantized: bool = False  # a 4-bit base was dequantized for generation (generation.dequantize)
 
 
+def process_state(gen: GenerationConfig, **kwargs):
+    """accelerate's process group for eval and summarize (one process without a launcher). cpu=True on a
+    machine without CUDA, or with generation.device cpu: torchrun/accelerate launch processes still form one
+    group (gloo)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=gen.device == "cpu" or not torch.cuda.is_available(), **kwargs)
+
+
 def load_for_inference(cfg: RunConfig, adapter: str | None) -> Loaded:
     """Base model (+ adapter). On CUDA the base is quantized as configured and computes in bf16 (fp16
     without bf16), a 4-bit one then dequantized (generation.dequantize); on CPU it runs unquantized in fp32."""

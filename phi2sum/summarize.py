@@ -37,11 +37,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-
 from .config import ConfigError, RunConfig
 from .console import console, info, progress, warn
-from .generate import fold_adapter, generate, load_for_inference
+from .generate import fold_adapter, generate, load_for_inference, process_state
 from .runs import write_text_atomic
 
 SPEAKER = re.compile(r"^\s*([^:\n]{1,40}?)\s*:\s*(.*)$")
@@ -259,13 +257,11 @@ def run(cfg: RunConfig, adapter: str | None, inputs: list[str],
     if "-" in inputs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("standard input (-) cannot be split over several processes; save it to a file and pass "
                           "that, or run one process")
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
 
-    # cpu=True: on a machine without CUDA, torchrun/accelerate launch processes still form one group (gloo). The
-    # timeout: the gather at the end waits for the slowest share, on a big corpus longer than the default 10-30 min.
-    state = PartialState(cpu=cfg.generation.device == "cpu" or not torch.cuda.is_available(),
-                         timeout=timedelta(days=1))
+    # The timeout: the gather at the end waits for the slowest share, on a big corpus longer than the default
+    # 10-30 min.
+    state = process_state(cfg.generation, timeout=timedelta(days=1))
     main, processes = state.is_main_process, state.num_processes
     if out is not None:
         check_out(out, inputs)
