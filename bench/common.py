@@ -63,6 +63,15 @@ def build_phi2_shape(data: Path, out: Path) -> Path:
     return out
 
 
+def require_cuda(script: str) -> None:
+    """Stop with one line where there is no CUDA GPU; otherwise make this checkout's phi2sum the one imported."""
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU")
+    sys.path.insert(0, str(ROOT))
+
+
 def environment() -> dict:
     """Card, date and package versions for a result file."""
     import peft

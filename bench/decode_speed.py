@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_phi2_shape  # noqa: E402
+from common import ROOT, build_phi2_shape, require_cuda  # noqa: E402
 
 
 def main():
@@ -33,12 +33,10 @@ def main():
                     help="also profile one batch (200 mid-length dialogues, budget 96,000) with torch.profiler")
     ap.add_argument("--work", type=Path, default=Path("/tmp/phi2sum-bench/decode_speed"), help="model folder")
     args = ap.parse_args()
+    require_cuda("decode_speed.py")
     import torch
     import transformers
 
-    if not torch.cuda.is_available():
-        sys.exit("decode_speed.py needs a CUDA GPU")
-    sys.path.insert(0, str(ROOT))
     from phi2sum import data, decoding, generate
     from phi2sum.config import load_config
 

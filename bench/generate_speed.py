@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, write_result  # noqa: E402
+from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, require_cuda, write_result  # noqa: E402
 
 
 def decoding(g) -> str:
@@ -78,11 +78,7 @@ def main():
     ap.add_argument("--train-steps", type=int, default=4, help="steps of configs/a100.yaml for the Phi-2 run folder")
     ap.add_argument("--work", type=Path, default=Path("/tmp/phi2sum-bench/generate_speed"), help="model and run folders")
     args = ap.parse_args()
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.exit("generate_speed.py needs a CUDA GPU")
-    sys.path.insert(0, str(ROOT))
+    require_cuda("generate_speed.py")
     from phi2sum.config import load_config
 
     phi2 = args.phi2_run or phi2_run(args.data, args.work, args.train_steps)

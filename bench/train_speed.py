@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, rows, write_result  # noqa: E402
+from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, require_cuda, rows, write_result  # noqa: E402
 
 FAR = 10**6  # evaluation and checkpoints only after the last timed step
 
@@ -193,11 +193,7 @@ def main():
                     help="skip the untimed 3-step run of the first config (the first training of a process is slow)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/phi2sum-bench/train_speed"), help="model and run folders")
     args = ap.parse_args()
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.exit("train_speed.py needs a CUDA GPU")
-    sys.path.insert(0, str(ROOT))
+    require_cuda("train_speed.py")
     configs = args.configs.split(",") if args.configs else default_configs()
     longest = None if args.longest is None else (args.longest or
                                                  [c for c in ("configs/p100.yaml", "configs/t4.yaml") if (ROOT / c).exists()])
