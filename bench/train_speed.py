@@ -134,7 +134,8 @@ def phi2sum_run(name: str, config: str, model_dir: Path, data: Path, steps: int,
             shutil.copy(out / f, raw / out.name / f)
     tps, used = steady(per_step, warmup)
     row = {"name": name, "config": config, "real_tokens_per_s": tps, "peak_allocated_gib": summary["peak_memory_gib"],
-           "peak_reserved_gib": summary["peak_reserved_gib"], "steps": summary["steps"], "windows_used": used,
+           "peak_reserved_gib": summary["peak_reserved_gib"], "expected_peak_gib": summary.get("expected_peak_gib"),
+           "steps": summary["steps"], "windows_used": used,
            "windows_dropped": len(per_step) - used, "rows_per_step": cfg.train.batch_size * cfg.train.grad_accum,
            "packing": cfg.train.packing, "real_tokens_per_step": summary["real_tokens"] / max(1, summary["steps"]),
            "max_length": cfg.data.max_length, **({"overrides": list(extra)} if extra else {})}
@@ -245,17 +246,19 @@ def report(result: dict) -> None:
         if seed and "real_tokens_per_s" in r:
             r["x_seed"] = r["real_tokens_per_s"] / seed["real_tokens_per_s"]
     table = [result["metric"] + "; x seed: against the seed row of this call.", "",
-             "| run | config | real tokens/s | x seed | real tokens/step | peak allocated GiB | peak reserved GiB | steps "
-             "| windows used |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| run | config | real tokens/s | x seed | real tokens/step | peak allocated GiB | peak reserved GiB "
+             "| expected peak GiB (memory check) | steps | windows used |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["runs"]:
         if "error" in r:
-            table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | | |")
+            table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | | | |")
             continue
         x = f"{r['x_seed']:.2f}" if "x_seed" in r else "-"
         per_step = f"{r['real_tokens_per_step']:,.0f}" if "real_tokens_per_step" in r else "-"
+        expected = f"{r['expected_peak_gib']:.1f}" if r.get("expected_peak_gib") is not None else "-"
         table.append(f"| {r['name']} | {r['config'] or '-'} | {r['real_tokens_per_s']:,.0f} | {x} | {per_step} | "
-                     f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['steps']} | {r['windows_used']} |")
+                     f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {expected} | {r['steps']} | "
+                     f"{r['windows_used']} |")
     print(write_result("train_speed", result, table, result.get("tag")))
 
 

@@ -146,6 +146,7 @@ class TrainResult:
     world_size: int
     stopped: str  # finished | early_stopping | interrupted
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
+    expected_peak_gib: float | None = None  # the memory check's estimate before the first step (CUDA only)
 
 
 def finished_result(run: Path, step: int, total_steps: int) -> TrainResult | None:

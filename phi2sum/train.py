@@ -71,6 +71,7 @@ class Setup:
     report: dict
     lock: object = None
     uploader: hubsync.Uploader | None = None  # train.hub_checkpoints, main process only
+    expected_peak_gib: float | None = None  # the memory check's estimate, kept to set beside the measured peak
 
 
 def setup(cfg: RunConfig, overwrite: bool, resume: bool) -> Setup:
@@ -237,6 +238,7 @@ def loop(s: Setup, overwrite: bool = False, on_step=None) -> TrainResult:
     if device.type == "cuda" and t.memory_check:  # before the first write: a config that cannot fit changes nothing
         summary = memory.summary_tokens_per_row(s.train_rows, s.cfg.data.max_length, t.packing)
         planned = memory.plan(s.loss_model, accelerator, s.tokenizer.pad_token_id, s.cfg, s.n_trainable, summary)
+        s.expected_peak_gib = planned.peak_gib
         if main:
             info(planned.describe())
     if main:
@@ -433,7 +435,7 @@ def finish(s: Setup, stopped: str, last_loss: float | None, seconds: float) -> T
         peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
         device=s.hw.name, precision=s.precision, world_size=s.accelerator.num_processes, stopped=stopped,
-        skipped_steps=state.skipped_steps)
+        skipped_steps=state.skipped_steps, expected_peak_gib=s.expected_peak_gib)
     if s.accelerator.is_main_process:
         if stopped != "interrupted":
             source = run / "best" if s.cfg.train.keep_best and (run / "best").is_dir() else None
