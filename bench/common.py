@@ -116,4 +116,6 @@ def write_result(question: str, result: dict, table: list[str], tag: str | None 
 
 
 def command_line() -> str:
-    return " ".join(["python3", *sys.argv])
+    import shlex
+
+    return shlex.join(["python3", *sys.argv])  # quoted, so a --variant with spaces can be pasted back

@@ -49,7 +49,9 @@ def timed_eval(name: str, cfg, adapter: Path, out: Path) -> dict:
             "dequantize": cfg.generation.dequantize,
             "decoding": decoding(cfg.generation), "batch_tokens": cfg.generation.batch_tokens,
             "dialogues": metrics["n_dialogues"], "dialogues_per_s": m["dialogues_per_second"], "seconds": m["seconds"],
-            "hit_max_new_tokens_share": m["hit_max_new_tokens_share"],
+            "hit_max_new_tokens_share": m["hit_max_new_tokens_share"], "run_on_share": m.get("run_on_share"),
+            # Quality beside speed: a faster decoding must score the same (random-weight rows score about 0).
+            "rouge": {k: {"mean": m[k]["mean"], "ci95": m[k]["ci95"]} for k in ("rouge1", "rouge2", "rougeL") if k in m},
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
@@ -76,23 +78,33 @@ def main():
     ap.add_argument("--smollm2-run", type=Path, default=None, help="run folder trained with configs/smollm2.yaml")
     ap.add_argument("--limit", type=int, default=500, help="test dialogues per case (DialogSum's test split has 500)")
     ap.add_argument("--train-steps", type=int, default=4, help="steps of configs/a100.yaml for the Phi-2 run folder")
+    ap.add_argument("--smollm2-batch-tokens", default="", metavar="N[,N]",
+                    help="also the SmolLM2 eval at these generation.batch_tokens (the shipped value is one row anyway)")
+    ap.add_argument("--skip-phi2", action="store_true", help="only the SmolLM2 row (needs --smollm2-run)")
+    ap.add_argument("--tag", default=None, help="suffix of the result file name, for a second call on one card and day")
     ap.add_argument("--work", type=Path, default=Path("/tmp/phi2sum-bench/generate_speed"), help="model and run folders")
     args = ap.parse_args()
     require_cuda("generate_speed.py")
     from phi2sum.config import load_config
 
-    phi2 = args.phi2_run or phi2_run(args.data, args.work, args.train_steps)
     common = [f"data.source={args.data}", f"eval.limit={args.limit}"]
-    phi2_base = [*common, "generation.max_new_tokens=64"]
-    four_bit = [*phi2_base, "model.quantization=4bit"]
-    kept = [*four_bit, "generation.dequantize=false"]
-    cases = [("phi2-shape bf16", load_config(phi2 / "config.yaml", phi2_base), phi2),
-             ("phi2-shape 4-bit dequantized", load_config(phi2 / "config.yaml", four_bit), phi2),
-             ("phi2-shape 4-bit kept 4-bit", load_config(phi2 / "config.yaml", kept), phi2)]
+    cases = []
+    if not args.skip_phi2:
+        phi2 = args.phi2_run or phi2_run(args.data, args.work, args.train_steps)
+        phi2_base = [*common, "generation.max_new_tokens=64"]
+        four_bit = [*phi2_base, "model.quantization=4bit"]
+        kept = [*four_bit, "generation.dequantize=false"]
+        cases += [("phi2-shape bf16", load_config(phi2 / "config.yaml", phi2_base), phi2),
+                  ("phi2-shape 4-bit dequantized", load_config(phi2 / "config.yaml", four_bit), phi2),
+                  ("phi2-shape 4-bit kept 4-bit", load_config(phi2 / "config.yaml", kept), phi2)]
     if args.smollm2_run:
         base = load_config(args.smollm2_run / "config.yaml").model.name  # the base the adapter was trained on
-        cases.append(("smollm2 shipped eval", load_config(ROOT / "configs/smollm2.yaml", [*common, f"model.name={base}"]),
-                      args.smollm2_run))
+        shipped = [*common, f"model.name={base}"]
+        cases.append(("smollm2 shipped eval", load_config(ROOT / "configs/smollm2.yaml", shipped), args.smollm2_run))
+        for n in filter(None, args.smollm2_batch_tokens.split(",")):
+            cases.append((f"smollm2 shipped eval, batch_tokens {int(n):,}",
+                          load_config(ROOT / "configs/smollm2.yaml", [*shipped, f"generation.batch_tokens={n}"]),
+                          args.smollm2_run))
     result = {**environment(), "question": "generate_speed", "command": command_line(),
               "path": "phi2sum.evaluate.run_eval, as `phi2sum eval --adapter RUN --compare none`", "split": "test",
               "runs": []}
@@ -106,13 +118,14 @@ def main():
             row = {"name": name, "error": f"{type(e).__name__}: {e}"[:400]}
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
-    table = ["| case | quantization | decoding | dialogues | dialogues/s | seconds | peak reserved GiB |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    table = ["| case | quantization | decoding | dialogues | dialogues/s | seconds | peak reserved GiB | test R1 / R2 / RL |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in result["runs"]:
-        table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | |" if "error" in r else
+        table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |" if "error" in r else
                      f"| {r['name']} | {r['quantization']} | {r['decoding']} | {r['dialogues']} | "
-                     f"{r['dialogues_per_s']:.1f} | {r['seconds']:.1f} | {r['peak_reserved_gib']:.1f} |")
-    print(write_result("generate_speed", result, table))
+                     f"{r['dialogues_per_s']:.1f} | {r['seconds']:.1f} | {r['peak_reserved_gib']:.1f} | "
+                     + " / ".join(f"{r['rouge'][k]['mean']:.4f}" for k in ("rouge1", "rouge2", "rougeL")) + " |")
+    print(write_result("generate_speed", result, table, args.tag))
 
 
 if __name__ == "__main__":

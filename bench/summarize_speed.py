@@ -1,0 +1,105 @@
+"""How fast does `phi2sum summarize` work through a large corpus: dialogues per second for a trained run, greedy and
+with the run's own (minimum-Bayes-risk) decoding, streaming to --out as a user runs it?
+
+    python3 bench/summarize_speed.py --data /path/to/dialogsum --run RUN [--greedy 10000] [--mbr 1000]
+
+One CUDA card, one process, through the function `phi2sum summarize CORPUS --adapter RUN --out OUT` calls
+(phi2sum.summarize.run). The corpus is the first N dialogues of DialogSum's train split written as JSON lines with
+their ids, as a user's corpus file; each case starts from an empty --out. `seconds` is the whole call: model
+loading, every batch, and the write and fsync of each batch's summaries. The greedy case takes the settings
+configs/smollm2.yaml names for summarizing many dialogues (greedy, batch_size 512); the MBR case the run's own
+generation settings. Each output is then checked to hold every id exactly once. Writes
+bench/results/summarize_speed/<card>-<date>.json and .md; the summaries go to
+bench/results/summarize_speed/raw/ (not in git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, environment, raw_dir, require_cuda, rows, write_result  # noqa: E402
+
+GREEDY = ["generation.do_sample=false", "generation.mbr_candidates=0", "generation.mbr_evidence=0",
+          "generation.batch_size=512"]
+
+
+def corpus(data: Path, n: int, path: Path) -> Path:
+    train = rows(data, "train")
+    if n > len(train):
+        raise SystemExit(f"--greedy/--mbr {n}: DialogSum's train split has {len(train)} dialogues")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": r["id"], "dialogue": r["dialogue"]}) + "\n" for r in train[:n]))
+    return path
+
+
+def timed_summarize(name: str, cfg, run: Path, inputs: Path, out: Path) -> dict:
+    import torch
+
+    from phi2sum.summarize import run as summarize
+
+    out.unlink(missing_ok=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    results, problems = summarize(cfg, str(run), [str(inputs)], out)
+    seconds = time.perf_counter() - started
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    wanted = [json.loads(line)["id"] for line in inputs.read_text().splitlines()]
+    g = cfg.generation
+    return {"name": name, "model": cfg.model.name, "dialogues": len(wanted), "written": len(ids),
+            "every_id_once": sorted(ids) == sorted(wanted), "failed_inputs": len(problems),
+            "decoding": (f"MBR over {g.mbr_candidates} samples at T {g.temperature} vs {g.mbr_evidence} at "
+                         f"T {g.mbr_evidence_temperature}" if g.mbr_candidates else "greedy"),
+            "batch_size": g.batch_size, "batch_tokens": g.batch_tokens, "max_new_tokens": g.max_new_tokens,
+            "seconds": seconds, "dialogues_per_s": len(wanted) / seconds,
+            "run_on_share": sum(r["run_on"] for r in results) / max(len(results), 1),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="DialogSum folder: train/validation/test.jsonl(.gz)")
+    ap.add_argument("--run", type=Path, required=True, help="run folder (phi2sum train), e.g. one of configs/smollm2.yaml")
+    ap.add_argument("--greedy", type=int, default=10000, help="train dialogues summarized greedily (0: skip)")
+    ap.add_argument("--mbr", type=int, default=1000, help="train dialogues summarized with the run's decoding (0: skip)")
+    ap.add_argument("--tag", default=None, help="suffix of the result file name, for a second call on one card and day")
+    args = ap.parse_args()
+    require_cuda("summarize_speed.py")
+    from phi2sum.config import load_config
+    from phi2sum.runs import saved_config
+
+    result = {**environment(), "question": "summarize_speed", "command": command_line(),
+              "path": "phi2sum.summarize.run, as `phi2sum summarize CORPUS --adapter RUN --out OUT`",
+              "corpus": "the first N dialogues of DialogSum's train split", "runs": []}
+    raw = raw_dir("summarize_speed", result["card"], result["date"])
+    cases = [("greedy", args.greedy, GREEDY), ("run's decoding", args.mbr, [])]
+    for name, n, sets in cases:
+        if n <= 0:
+            continue
+        try:
+            inputs = corpus(args.data, n, raw / f"corpus-{n}.jsonl")
+            cfg = load_config(args.run / "config.yaml", sets, saved_config(args.run))  # as the CLI reads a run
+            row = timed_summarize(name, cfg, args.run, inputs, raw / f"{name.split()[0].strip(chr(39))}-{n}.jsonl")
+        except Exception as e:  # keep the other rows on a metered GPU
+            row = {"name": name, "error": f"{type(e).__name__}: {e}"[:400]}
+        result["runs"].append(row)
+        print(json.dumps(row), flush=True)
+    table = ["| case | decoding | dialogues | every id once | dialogues/s | seconds | run-on | peak reserved GiB |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in result["runs"]:
+        table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |" if "error" in r else
+                     f"| {r['name']} | {r['decoding']} | {r['dialogues']:,} | {'yes' if r['every_id_once'] else 'NO'} | "
+                     f"{r['dialogues_per_s']:.1f} | {r['seconds']:.1f} | {r['run_on_share']:.1%} | "
+                     f"{r['peak_reserved_gib']:.1f} |")
+    print(write_result("summarize_speed", result, table, args.tag))
+
+
+if __name__ == "__main__":
+    main()
