@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--limit", type=int, default=500, help="test dialogues per case (DialogSum's test split has 500)")
     ap.add_argument("--train-steps", type=int, default=4, help="steps of configs/a100.yaml for the Phi-2 run folder")
     ap.add_argument("--smollm2-batch-tokens", default="", metavar="N[,N]",
-                    help="also the SmolLM2 eval at these generation.batch_tokens (the shipped value is one row anyway)")
+                    help="also the SmolLM2 eval at these generation.batch_tokens (the value configs/smollm2.yaml ships is a row anyway)")
     ap.add_argument("--skip-phi2", action="store_true", help="only the SmolLM2 row (needs --smollm2-run)")
     ap.add_argument("--tag", default=None, help="suffix of the result file name, for a second call on one card and day")
     ap.add_argument("--work", type=Path, default=Path("/tmp/phi2sum-bench/generate_speed"), help="model and run folders")
