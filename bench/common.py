@@ -115,6 +115,20 @@ def write_result(question: str, result: dict, table: list[str], tag: str | None 
     return path
 
 
+def run_case(result: dict, name: str, measure, on_error=None) -> dict:
+    """One row of `result["runs"]`: measure()'s row, or the error that stopped it, so that one failing case does not
+    lose the others on a metered GPU. Printed as a JSON line as soon as it is known."""
+    try:
+        row = measure()
+    except Exception as e:
+        row = {"name": name, "error": f"{type(e).__name__}: {e}"[:400]}
+        if on_error:
+            on_error()
+    result["runs"].append(row)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def command_line() -> str:
     import shlex
 

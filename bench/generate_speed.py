@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, require_cuda, write_result  # noqa: E402
+from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, require_cuda, run_case, write_result  # noqa: E402
 
 
 def decoding(g) -> str:
@@ -110,14 +109,13 @@ def main():
               "runs": []}
     raw = raw_dir("generate_speed", result["card"], result["date"])
     for name, cfg, run in cases:
-        try:
+
+        def measure(name=name, cfg=cfg, run=run):
             warm = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 16})})
             timed_eval("warm-up", warm, run, args.work / "eval")
-            row = timed_eval(name, cfg, run, raw)
-        except Exception as e:  # keep the other rows on a metered GPU
-            row = {"name": name, "error": f"{type(e).__name__}: {e}"[:400]}
-        result["runs"].append(row)
-        print(json.dumps(row), flush=True)
+            return timed_eval(name, cfg, run, raw)
+
+        run_case(result, name, measure)
     table = ["| case | quantization | decoding | dialogues | dialogues/s | seconds | peak reserved GiB | test R1 / R2 / RL |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in result["runs"]:

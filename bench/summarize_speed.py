@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, environment, raw_dir, require_cuda, rows, write_result  # noqa: E402
+from common import command_line, environment, raw_dir, require_cuda, rows, run_case, write_result  # noqa: E402
 
 GREEDY = ["generation.do_sample=false", "generation.mbr_candidates=0", "generation.mbr_evidence=0",
           "generation.batch_size=512"]
@@ -31,8 +31,6 @@ GREEDY = ["generation.do_sample=false", "generation.mbr_candidates=0", "generati
 
 def corpus(data: Path, n: int, path: Path) -> Path:
     train = rows(data, "train")
-    if n > len(train):
-        raise SystemExit(f"--greedy/--mbr {n}: DialogSum's train split has {len(train)} dialogues")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"id": r["id"], "dialogue": r["dialogue"]}) + "\n" for r in train[:n]))
     return path
@@ -71,6 +69,9 @@ def main():
     ap.add_argument("--mbr", type=int, default=1000, help="train dialogues summarized with the run's decoding (0: skip)")
     ap.add_argument("--tag", default=None, help="suffix of the result file name, for a second call on one card and day")
     args = ap.parse_args()
+    available = len(rows(args.data, "train"))
+    if max(args.greedy, args.mbr) > available:  # before any GPU time is spent
+        ap.error(f"--greedy/--mbr: {args.data}'s train split has {available} dialogues")
     require_cuda("summarize_speed.py")
     from phi2sum.config import load_config
     from phi2sum.runs import saved_config
@@ -83,14 +84,13 @@ def main():
     for name, n, sets in cases:
         if n <= 0:
             continue
-        try:
+
+        def measure(name=name, n=n, sets=sets):
             inputs = corpus(args.data, n, raw / f"corpus-{n}.jsonl")
             cfg = load_config(args.run / "config.yaml", sets, saved_config(args.run))  # as the CLI reads a run
-            row = timed_summarize(name, cfg, args.run, inputs, raw / f"{name.split()[0].strip(chr(39))}-{n}.jsonl")
-        except Exception as e:  # keep the other rows on a metered GPU
-            row = {"name": name, "error": f"{type(e).__name__}: {e}"[:400]}
-        result["runs"].append(row)
-        print(json.dumps(row), flush=True)
+            return timed_summarize(name, cfg, args.run, inputs, raw / f"{name.split()[0].strip(chr(39))}-{n}.jsonl")
+
+        run_case(result, name, measure)
     table = ["| case | decoding | dialogues | every id once | dialogues/s | seconds | run-on | peak reserved GiB |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in result["runs"]:

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, require_cuda, rows, write_result  # noqa: E402
+from common import (ROOT, build_phi2_shape, command_line, environment, raw_dir, require_cuda, rows, run_case,  # noqa: E402
+                    write_result)
 
 FAR = 10**6  # evaluation and checkpoints only after the last timed step
 
@@ -206,13 +207,7 @@ def main():
               "runs": [], **({"tag": args.tag} if args.tag else {})}
 
     def record(fn, *a):
-        try:
-            row = fn(*a)
-        except Exception as e:  # one failing row must not lose the others on a metered GPU
-            row = {"name": a[0] if isinstance(a[0], str) else fn.__name__, "error": f"{type(e).__name__}: {e}"[:400]}
-            free_memory()
-        result["runs"].append(row)
-        print(json.dumps(row), flush=True)
+        run_case(result, a[0] if isinstance(a[0], str) else fn.__name__, lambda: fn(*a), free_memory)
 
     if not args.no_warm_up and configs:
         try:
