@@ -115,6 +115,37 @@ def write_result(question: str, result: dict, table: list[str], tag: str | None 
     return path
 
 
+def free_memory() -> None:
+    """Drop what the last case left on the card and restart the peak counters, so each row's peak is its own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def decoding(g) -> str:
+    """A generation config's decoding in words, for a result row."""
+    if g.mbr_candidates and g.do_sample:
+        rule = f"MBR over {g.mbr_candidates} samples at T {g.temperature}"
+        return rule + (f" vs {g.mbr_evidence} evidence samples at T {g.mbr_evidence_temperature}" if g.mbr_evidence else "")
+    if g.num_beams > 1:
+        return f"beam {g.num_beams}, length penalty {g.length_penalty}"
+    return f"{'sampling' if g.do_sample else 'greedy'}, up to {g.max_new_tokens} new tokens"
+
+
+def table(header: list[str], align: str, runs: list[dict], cells) -> list[str]:
+    """A markdown table of result rows: `align` has one letter per column (l or r), cells(row) gives the cells after
+    the row's name; a failed row shows its error instead."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |"]
+    for r in runs:
+        rest = [f"failed: {r['error'][:120]}", *[""] * (len(header) - 2)] if "error" in r else cells(r)
+        lines.append("| " + " | ".join([r["name"], *rest]) + " |")
+    return lines
+
+
 def run_case(result: dict, name: str, measure, on_error=None) -> dict:
     """One row of `result["runs"]`: measure()'s row, or the error that stopped it, so that one failing case does not
     lose the others on a metered GPU. Printed as a JSON line as soon as it is known."""

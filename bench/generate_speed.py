@@ -17,21 +17,12 @@ metrics and predictions go to bench/results/generate_speed/raw/ (not in git).
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, build_phi2_shape, command_line, environment, raw_dir, require_cuda, run_case, write_result  # noqa: E402
-
-
-def decoding(g) -> str:
-    if g.mbr_candidates and g.do_sample:
-        rule = f"MBR over {g.mbr_candidates} samples at T {g.temperature}"
-        return rule + (f" vs {g.mbr_evidence} evidence samples at T {g.mbr_evidence_temperature}" if g.mbr_evidence else "")
-    if g.num_beams > 1:
-        return f"beam {g.num_beams}, length penalty {g.length_penalty}"
-    return f"{'sampling' if g.do_sample else 'greedy'}, up to {g.max_new_tokens} new tokens"
+from common import (ROOT, build_phi2_shape, command_line, decoding, environment, free_memory, raw_dir,  # noqa: E402
+                    require_cuda, run_case, table, write_result)
 
 
 def timed_eval(name: str, cfg, adapter: Path, out: Path) -> dict:
@@ -39,9 +30,7 @@ def timed_eval(name: str, cfg, adapter: Path, out: Path) -> dict:
 
     from phi2sum.evaluate import run_eval
 
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    free_memory()
     metrics = run_eval(cfg, str(adapter), compare_base=False, out_dir=out / name.replace(" ", "-"))
     m = metrics["models"]["fine-tuned"]
     return {"name": name, "model": cfg.model.name, "adapter": True, "quantization": cfg.model.quantization,
@@ -116,14 +105,11 @@ def main():
             return timed_eval(name, cfg, run, raw)
 
         run_case(result, name, measure)
-    table = ["| case | quantization | decoding | dialogues | dialogues/s | seconds | peak reserved GiB | test R1 / R2 / RL |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
-    for r in result["runs"]:
-        table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |" if "error" in r else
-                     f"| {r['name']} | {r['quantization']} | {r['decoding']} | {r['dialogues']} | "
-                     f"{r['dialogues_per_s']:.1f} | {r['seconds']:.1f} | {r['peak_reserved_gib']:.1f} | "
-                     + " / ".join(f"{r['rouge'][k]['mean']:.4f}" for k in ("rouge1", "rouge2", "rougeL")) + " |")
-    print(write_result("generate_speed", result, table, args.tag))
+    lines = table(["case", "quantization", "decoding", "dialogues", "dialogues/s", "seconds", "peak reserved GiB",
+                   "test R1 / R2 / RL"], "lllrrrrl", result["runs"], lambda r: [
+        r["quantization"], r["decoding"], str(r["dialogues"]), f"{r['dialogues_per_s']:.1f}", f"{r['seconds']:.1f}",
+        f"{r['peak_reserved_gib']:.1f}", " / ".join(f"{r['rouge'][k]['mean']:.4f}" for k in ("rouge1", "rouge2", "rougeL"))])
+    print(write_result("generate_speed", result, lines, args.tag))
 
 
 if __name__ == "__main__":

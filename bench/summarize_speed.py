@@ -16,21 +16,20 @@ bench/results/summarize_speed/raw/ (not in git).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, environment, raw_dir, require_cuda, rows, run_case, write_result  # noqa: E402
+from common import (command_line, decoding, environment, free_memory, raw_dir, require_cuda, rows, run_case,  # noqa: E402
+                    table, write_result)
 
 GREEDY = ["generation.do_sample=false", "generation.mbr_candidates=0", "generation.mbr_evidence=0",
           "generation.batch_size=512"]
 
 
-def corpus(data: Path, n: int, path: Path) -> Path:
-    train = rows(data, "train")
+def corpus(train: list[dict], n: int, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"id": r["id"], "dialogue": r["dialogue"]}) + "\n" for r in train[:n]))
     return path
@@ -42,9 +41,7 @@ def timed_summarize(name: str, cfg, run: Path, inputs: Path, out: Path) -> dict:
     from phi2sum.summarize import run as summarize
 
     out.unlink(missing_ok=True)
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    free_memory()
     started = time.perf_counter()
     results, problems = summarize(cfg, str(run), [str(inputs)], out)
     seconds = time.perf_counter() - started
@@ -53,8 +50,7 @@ def timed_summarize(name: str, cfg, run: Path, inputs: Path, out: Path) -> dict:
     g = cfg.generation
     return {"name": name, "model": cfg.model.name, "dialogues": len(wanted), "written": len(ids),
             "every_id_once": sorted(ids) == sorted(wanted), "failed_inputs": len(problems),
-            "decoding": (f"MBR over {g.mbr_candidates} samples at T {g.temperature} vs {g.mbr_evidence} at "
-                         f"T {g.mbr_evidence_temperature}" if g.mbr_candidates else "greedy"),
+            "decoding": decoding(g),
             "batch_size": g.batch_size, "batch_tokens": g.batch_tokens, "max_new_tokens": g.max_new_tokens,
             "seconds": seconds, "dialogues_per_s": len(wanted) / seconds,
             "run_on_share": sum(r["run_on"] for r in results) / max(len(results), 1),
@@ -69,9 +65,9 @@ def main():
     ap.add_argument("--mbr", type=int, default=1000, help="train dialogues summarized with the run's decoding (0: skip)")
     ap.add_argument("--tag", default=None, help="suffix of the result file name, for a second call on one card and day")
     args = ap.parse_args()
-    available = len(rows(args.data, "train"))
-    if max(args.greedy, args.mbr) > available:  # before any GPU time is spent
-        ap.error(f"--greedy/--mbr: {args.data}'s train split has {available} dialogues")
+    train = rows(args.data, "train")
+    if max(args.greedy, args.mbr) > len(train):  # before any GPU time is spent
+        ap.error(f"--greedy/--mbr: {args.data}'s train split has {len(train)} dialogues")
     require_cuda("summarize_speed.py")
     from phi2sum.config import load_config
     from phi2sum.runs import saved_config
@@ -86,19 +82,16 @@ def main():
             continue
 
         def measure(name=name, n=n, sets=sets):
-            inputs = corpus(args.data, n, raw / f"corpus-{n}.jsonl")
+            inputs = corpus(train, n, raw / f"corpus-{n}.jsonl")
             cfg = load_config(args.run / "config.yaml", sets, saved_config(args.run))  # as the CLI reads a run
             return timed_summarize(name, cfg, args.run, inputs, raw / f"{name.split()[0].strip(chr(39))}-{n}.jsonl")
 
         run_case(result, name, measure)
-    table = ["| case | decoding | dialogues | every id once | dialogues/s | seconds | run-on | peak reserved GiB |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
-    for r in result["runs"]:
-        table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | |" if "error" in r else
-                     f"| {r['name']} | {r['decoding']} | {r['dialogues']:,} | {'yes' if r['every_id_once'] else 'NO'} | "
-                     f"{r['dialogues_per_s']:.1f} | {r['seconds']:.1f} | {r['run_on_share']:.1%} | "
-                     f"{r['peak_reserved_gib']:.1f} |")
-    print(write_result("summarize_speed", result, table, args.tag))
+    lines = table(["case", "decoding", "dialogues", "every id once", "dialogues/s", "seconds", "run-on",
+                   "peak reserved GiB"], "llrlrrrr", result["runs"], lambda r: [
+        r["decoding"], f"{r['dialogues']:,}", "yes" if r["every_id_once"] else "NO", f"{r['dialogues_per_s']:.1f}",
+        f"{r['seconds']:.1f}", f"{r['run_on_share']:.1%}", f"{r['peak_reserved_gib']:.1f}"])
+    print(write_result("summarize_speed", result, lines, args.tag))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ to --work, their logs to bench/results/train_speed/raw/ (not in git).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -27,8 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, build_phi2_shape, command_line, environment, raw_dir, require_cuda, rows, run_case,  # noqa: E402
-                    write_result)
+from common import (ROOT, build_phi2_shape, command_line, environment, free_memory, raw_dir, require_cuda, rows,  # noqa: E402
+                    run_case, table, write_result)
 
 FAR = 10**6  # evaluation and checkpoints only after the last timed step
 
@@ -39,14 +38,6 @@ def default_configs() -> list[str]:
 
     return [f"configs/{p.name}" for p in sorted((ROOT / "configs").glob("*.yaml"))
             if p.name != "smollm2.yaml" and load_config(p).train.device != "cpu"]
-
-
-def free_memory():
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
 
 
 def steady(per_step: list[float], warmup: int) -> tuple[float, int]:
@@ -240,21 +231,16 @@ def report(result: dict) -> None:
     for r in result["runs"]:
         if seed and "real_tokens_per_s" in r:
             r["x_seed"] = r["real_tokens_per_s"] / seed["real_tokens_per_s"]
-    table = [result["metric"] + "; x seed: against the seed row of this call.", "",
-             "| run | config | real tokens/s | x seed | real tokens/step | peak allocated GiB | peak reserved GiB "
-             "| expected peak GiB (memory check) | steps | windows used |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in result["runs"]:
-        if "error" in r:
-            table.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | | | | |")
-            continue
-        x = f"{r['x_seed']:.2f}" if "x_seed" in r else "-"
-        per_step = f"{r['real_tokens_per_step']:,.0f}" if "real_tokens_per_step" in r else "-"
-        expected = f"{r['expected_peak_gib']:.1f}" if r.get("expected_peak_gib") is not None else "-"
-        table.append(f"| {r['name']} | {r['config'] or '-'} | {r['real_tokens_per_s']:,.0f} | {x} | {per_step} | "
-                     f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {expected} | {r['steps']} | "
-                     f"{r['windows_used']} |")
-    print(write_result("train_speed", result, table, result.get("tag")))
+    lines = table(["run", "config", "real tokens/s", "x seed", "real tokens/step", "peak allocated GiB",
+                   "peak reserved GiB", "expected peak GiB (memory check)", "steps", "windows used"], "llrrrrrrrr",
+                  result["runs"], lambda r: [
+        r["config"] or "-", f"{r['real_tokens_per_s']:,.0f}", f"{r['x_seed']:.2f}" if "x_seed" in r else "-",
+        f"{r['real_tokens_per_step']:,.0f}" if "real_tokens_per_step" in r else "-",
+        f"{r['peak_allocated_gib']:.1f}", f"{r['peak_reserved_gib']:.1f}",
+        f"{r['expected_peak_gib']:.1f}" if r.get("expected_peak_gib") is not None else "-",
+        str(r["steps"]), str(r["windows_used"])])
+    print(write_result("train_speed", result, [result["metric"] + "; x seed: against the seed row of this call.", "",
+                                               *lines], result.get("tag")))
 
 
 if __name__ == "__main__":
