@@ -339,6 +339,22 @@ def main():
     except Exception:
         pass
     try:
+        _run_app()
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch, a process that exits with its process group still up can abort at
+    interpreter exit, in the group's own threads ("terminate called without an active exception", exit -6) after
+    its work is done; leaving the group first ends it cleanly. Only where torch is loaded already."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_app() -> None:
+    try:
         # standalone_mode=False returns the exit code of typer.Exit instead of raising it.
         code = app(standalone_mode=False)
     except typer.Exit as e:
