@@ -76,15 +76,15 @@ def main():
               "path": "phi2sum.summarize.run, as `phi2sum summarize CORPUS --adapter RUN --out OUT`",
               "corpus": "the first N dialogues of DialogSum's train split", "runs": []}
     raw = raw_dir("summarize_speed", result["card"], result["date"])
-    cases = [("greedy", args.greedy, GREEDY), ("run's decoding", args.mbr, [])]
-    for name, n, sets in cases:
+    cases = [("greedy", "greedy", args.greedy, GREEDY), ("run's decoding", "run", args.mbr, [])]  # name, file stem, ...
+    for name, stem, n, sets in cases:
         if n <= 0:
             continue
 
-        def measure(name=name, n=n, sets=sets):
+        def measure(name=name, stem=stem, n=n, sets=sets):
             inputs = corpus(train, n, raw / f"corpus-{n}.jsonl")
             cfg = load_config(args.run / "config.yaml", sets, saved_config(args.run))  # as the CLI reads a run
-            return timed_summarize(name, cfg, args.run, inputs, raw / f"{name.split()[0].strip(chr(39))}-{n}.jsonl")
+            return timed_summarize(name, cfg, args.run, inputs, raw / f"{stem}-{n}.jsonl")
 
         run_case(result, name, measure)
     lines = table(["case", "decoding", "dialogues", "every id once", "dialogues/s", "seconds", "run-on",
